@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh Debian machine, as root:
+#   make demo   installs what is missing, then mounts a repository and reads it
+#   make test   installs the same, then runs every test
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py $(if $(REPO),--remote $(REPO))
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/bench.py $(if $(REPO),--remote $(REPO)) $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

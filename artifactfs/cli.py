@@ -1,0 +1,167 @@
+"""The `artifactfs` command line.
+
+Heavy libraries (SQLAlchemy, pygit2, pyfuse3) are imported inside the commands that need them:
+every command pays only for what it uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .config import Settings, load_settings
+from .model import ArtifactError
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+PROG = "artifactfs"
+
+
+def open_registry(settings: Settings) -> "Registry":
+    from .registry import Registry
+
+    settings.ensure_dirs()
+    return Registry(settings.database_url)
+
+
+# --- commands ---
+
+
+def cmd_add_repo(args: argparse.Namespace, settings: Settings) -> int:
+    from .repos import add_repo, parse_add_request
+
+    req = parse_add_request(settings, args.name, args.remote, args.ref, args.mount_root)
+    add_repo(settings, open_registry(settings), req)
+    print(f"added {req.name}")
+    return 0
+
+
+def cmd_list_repos(args: argparse.Namespace, settings: Settings) -> int:
+    from .repos import display_state
+
+    for repo in open_registry(settings).repos():
+        print(f"{repo.name}\t{display_state(repo).value}\t{repo.remote_url}\t{repo.ref}\t{repo.mount_path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from .remotes import validate_name
+    from .repos import status_row
+
+    registry = open_registry(settings)
+    if args.name:
+        repos = [registry.require(validate_name(args.name))]
+    else:
+        repos = registry.repos()
+    rows = [status_row(repo) for repo in repos]
+    if args.json:
+        print(json.dumps(rows if not args.name else rows[0], indent=2))
+    else:
+        for row in rows:
+            print(" ".join(f"{key}={shlex.quote(str(value)) if value != '' else ''}" for key, value in row.items()))
+    return 0
+
+
+def cmd_remove_repo(args: argparse.Namespace, settings: Settings) -> int:
+    from .repos import remove_repo
+
+    remove_repo(settings, open_registry(settings), args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    from .remotes import validate_name
+
+    validate_name(args.name)
+    registry = open_registry(settings)
+    events = registry.events(args.name)
+    if not events:
+        from .model import UnknownRepo
+
+        raise UnknownRepo(args.name)
+    if args.json:
+        print(json.dumps([
+            {"position": e.id, "version": e.version, "type": e.type, "time": e.created_at.isoformat(),
+             "job_id": e.job_id, "payload": e.payload}
+            for e in events
+        ], indent=2))  # fmt: skip
+        return 0
+    for e in events:
+        payload = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in e.payload.items())
+        job = f" job={e.job_id}" if e.job_id else ""
+        print(f"{e.created_at.isoformat(timespec='milliseconds')} v{e.version} {e.type}{job} {payload}".rstrip())
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
+    from mountd.daemon import run_daemon
+
+    run_daemon(settings, open_registry(settings))
+    return 0
+
+
+# --- parsing ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Mount Git repositories as lazily hydrated working trees.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("ARTIFACTFS_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace, Settings], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("add-repo", cmd_add_repo, "register a repository and prepare it (blobless clone)")
+    p.add_argument("--name", required=True, help="name of the repository and of its mount directory")
+    p.add_argument("--remote", required=True, help="file://, git://, http(s)://, ssh:// URL or user@host:path")
+    p.add_argument("--ref", default="refs/heads/main", help="branch or tag to mount (default: refs/heads/main)")
+    p.add_argument("--mount-root", help="directory to mount under (default: $ARTIFACTFS_MOUNT_ROOT or <root>/mnt)")
+
+    command("list-repos", cmd_list_repos, "list registered repositories")
+
+    p = command("status", cmd_status, "show state, head and hydration of repositories")
+    p.add_argument("--name", help="only this repository")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("remove-repo", cmd_remove_repo, "unmount a repository and delete its state")
+    p.add_argument("--name", required=True)
+
+    p = command("events", cmd_events, "show the event history of a repository")
+    p.add_argument("--name", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    command("daemon", cmd_daemon, "run mountd: mount every registered repository until SIGTERM")
+    return parser
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    try:
+        return args.handler(args, settings)
+    except ArtifactError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The git store: blobless partial clones, batched blob fetches, and reading trees in process.
+
+Everything that talks to a remote goes through the git CLI (libgit2 has no partial clone); trees
+and present objects are read in process with pygit2. Git never prompts here: a job or a mount that
+waits on a terminal nobody watches would hang forever.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
+from .remotes import Remote, redact
+
+# Substrings of git's stderr that mean "try again later" rather than "this will never work".
+TRANSIENT_MARKERS = (
+    "connection reset",
+    "early eof",
+    "the remote end hung up unexpectedly",
+    "connection timed out",
+    "operation timed out",
+    "temporary failure in name resolution",
+    "could not resolve host",
+    "returned error: 500",
+    "returned error: 502",
+    "returned error: 503",
+    "returned error: 504",
+    "rpc failed",
+    "unexpected disconnect",
+    "index-pack failed",
+)
+UNREACHABLE_MARKERS = (
+    "could not read from remote repository",
+    "does not appear to be a git repository",
+    "unable to access",
+    "repository not found",
+    "connection refused",
+    "authentication failed",
+    "could not resolve host",
+    "not found",
+    "no such file or directory",
+    "access denied",
+    "permission denied",
+)
+
+# What git's own lazy fetch runs for missing objects; we run it for many objects at once.
+BATCH_FETCH_ARGS = (
+    "-c", "fetch.negotiationAlgorithm=noop",
+    "fetch", "origin",
+    "--no-tags", "--no-write-fetch-head", "--recurse-submodules=no",
+    "--filter=blob:none", "--stdin",
+)  # fmt: skip
+
+
+def git_env(credential_file: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every git process we start.
+
+    Never prompt (GIT_TERMINAL_PROMPT=0, ssh in batch mode, unless the user set their own ssh
+    command). Credentials, when a repository has any, come from git's store helper reading a
+    root-only file: they never appear on a command line, in the registry or in a log.
+    """
+    env = dict(os.environ if base is None else base)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+    env["GIT_ASKPASS"] = "true"  # an askpass that answers nothing, instead of a GUI dialog
+    env.pop("SSH_ASKPASS", None)
+    env.setdefault("LC_ALL", "C")  # error texts we classify are git's English ones
+    if credential_file is not None:
+        # An empty value resets the helper list, so only this repository's file answers.
+        env.update(
+            GIT_CONFIG_COUNT="2",
+            GIT_CONFIG_KEY_0="credential.helper",
+            GIT_CONFIG_VALUE_0="",
+            GIT_CONFIG_KEY_1="credential.helper",
+            GIT_CONFIG_VALUE_1=f"store --file={credential_file}",
+        )
+    return env
+
+
+def run_git(
+    args: Sequence[str],
+    *,
+    git_dir: Path | None = None,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    cmd = ["git"]
+    if git_dir is not None:
+        cmd.append(f"--git-dir={git_dir}")
+    cmd.extend(args)
+    proc = subprocess.run(
+        cmd, input=input, capture_output=True, env=env if env is not None else git_env(), timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise classify_git_error(args, proc.stderr)
+    return proc
+
+
+def classify_git_error(args: Sequence[str], stderr: bytes) -> GitError:
+    text = redact(stderr.decode("utf-8", "replace")).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
+    summary = (fatal[-1] if fatal else (lines[-1] if lines else f"git {args[0]} failed")).strip()
+    low = text.lower()
+    if "remote branch" in low and "not found" in low or "couldn't find remote ref" in low:
+        return RefNotFound(summary)
+    transient = any(marker in low for marker in TRANSIENT_MARKERS)
+    if any(marker in low for marker in UNREACHABLE_MARKERS):
+        return RemoteUnreachable(summary, transient=transient)
+    return GitError(summary, transient=transient)
+
+
+def store_credentials(remote: Remote, credential_file: Path) -> None:
+    """Hand inline credentials to git's store helper: a 0600 file only root reads."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(remote.url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    credential_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(credential_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    description = f"protocol={parts.scheme}\nhost={host}\nusername={remote.username}\npassword={remote.password}\n\n"
+    run_git(["credential-store", f"--file={credential_file}", "store"], input=description.encode())
+
+
+def short_ref(ref: str) -> str:
+    for prefix in ("refs/heads/", "refs/tags/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix):]
+    raise InvalidInput(f"ref {ref!r} is neither a branch (refs/heads/...) nor a tag (refs/tags/...)")
+
+
+@dataclass(frozen=True)
+class CloneResult:
+    git_dir: Path
+    head: str
+
+
+def clone_blobless(
+    remote_url: str,
+    ref: str,
+    git_dir: Path,
+    tmp_root: Path,
+    *,
+    credential_file: Path | None = None,
+    timeout: float | None = None,
+) -> CloneResult:
+    """Blobless, single-branch, tagless clone of `ref` into `git_dir`, atomically.
+
+    The clone lands in a temporary directory next to its destination and is renamed into place
+    only when complete, so a failed or killed clone never leaves a half-made git directory.
+    """
+    branch = short_ref(ref)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{git_dir.name}.", dir=tmp_root))
+    try:
+        work = tmp / "work"
+        env = git_env(credential_file)
+        run_git(
+            ["clone", "--quiet", "--filter=blob:none", "--no-checkout", "--single-branch", "--no-tags",
+             f"--branch={branch}", "--", remote_url, str(work)],
+            env=env, timeout=timeout,
+        )  # fmt: skip
+        staged = work / ".git"
+        configure_clone(staged, credential_file)
+        head = run_git(["rev-parse", "--verify", "HEAD^{commit}"], git_dir=staged, env=env).stdout.decode().strip()
+        git_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staged, git_dir)  # atomic on one filesystem; fails if git_dir exists
+        return CloneResult(git_dir=git_dir, head=head)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def configure_clone(git_dir: Path, credential_file: Path | None) -> None:
+    settings = [
+        # A mount has no checked-out files git could trust; never let it rewrite the tree.
+        ("core.bare", "false"),
+        ("gc.auto", "0"),  # repacking under a live mount would only cost time
+        ("fetch.writeCommitGraph", "false"),
+    ]
+    for key, value in settings:
+        run_git(["config", key, value], git_dir=git_dir)
+    if credential_file is not None:
+        run_git(["config", "--add", "credential.helper", ""], git_dir=git_dir)
+        run_git(["config", "--add", "credential.helper", f"store --file={credential_file}"], git_dir=git_dir)
+
+
+def batch_fetch_command(git_dir: Path) -> list[str]:
+    return ["git", f"--git-dir={git_dir}", *BATCH_FETCH_ARGS]
+
+
+def fetch_objects(git_dir: Path, oids: Iterable[str], *, timeout: float | None = None) -> None:
+    """Fetch many objects in one transaction (the blocking twin of the mount's async fetcher)."""
+    payload = "".join(f"{oid}\n" for oid in oids).encode()
+    if payload:
+        run_git(list(BATCH_FETCH_ARGS), git_dir=git_dir, input=payload, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class HydrationStats:
+    blobs: int
+    bytes: int
+
+
+def hydration_stats(git_dir: Path) -> HydrationStats:
+    """How many blobs (and bytes) are present locally: the hydrated part of the repository."""
+    if not git_dir.is_dir():
+        return HydrationStats(0, 0)
+    out = run_git(
+        ["cat-file", "--batch-all-objects", "--unordered", "--batch-check=%(objecttype) %(objectsize)"],
+        git_dir=git_dir,
+    ).stdout
+    blobs = size = 0
+    for line in out.splitlines():
+        kind, _, n = line.partition(b" ")
+        if kind == b"blob":
+            blobs += 1
+            size += int(n)
+    return HydrationStats(blobs, size)

@@ -1,0 +1,98 @@
+"""Shared types: the states a repository goes through, the events that move it, and the errors
+that name what went wrong. Every other module speaks in these terms."""
+from __future__ import annotations
+
+import enum
+
+
+class PrepareState(str, enum.Enum):
+    """Where a repository's preparation stands, as stored in the projection."""
+
+    PREPARING = "preparing"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class DisplayState(str, enum.Enum):
+    """What `status` shows: READY splits into mounted and unmounted on this host."""
+
+    PREPARING = "preparing"
+    MOUNTED = "mounted"
+    UNMOUNTED = "unmounted"
+    FAILED = "failed"
+
+
+class EventType(str, enum.Enum):
+    """Everything that can happen to a repository. The projection is a fold over these."""
+
+    REGISTERED = "registered"  # name claimed: remote, ref, paths
+    PREPARE_REQUESTED = "prepare_requested"  # a (new) attempt was asked for
+    PHASE = "phase"  # a prepare phase started: validate, clone, fetch, ...
+    READY = "ready"  # prepared: head commit known, git dir in place
+    FAILED = "failed"  # preparation failed: redacted error
+    ADD_ABANDONED = "add_abandoned"  # a blocking add failed: the name is free again
+    REMOVED = "removed"  # unregistered: the name is free again
+
+
+class Phase(str, enum.Enum):
+    VALIDATE = "validate"
+    CLONE = "clone"
+    FETCH = "fetch"
+    UPDATE_BRANCH = "update_branch"
+    INDEX = "index"
+    PUBLISH = "publish"
+
+
+class ArtifactError(Exception):
+    """Base of every error the CLI reports as a one-line message."""
+
+
+class InvalidInput(ArtifactError):
+    """A name, URL or option that can never work: the message says how to fix it."""
+
+
+class UnknownRepo(ArtifactError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no repository named {name!r} is registered (see: artifactfs list-repos)")
+        self.name = name
+
+
+class DuplicateRepo(ArtifactError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a repository named {name!r} is already registered "
+            f"(pick another --name, or remove it first: artifactfs remove-repo --name {name})"
+        )
+        self.name = name
+
+
+class ConcurrencyConflict(ArtifactError):
+    """Another writer appended to the same stream first (optimistic concurrency)."""
+
+
+class GitError(ArtifactError):
+    """A git command failed. `transient` marks failures worth retrying (network hiccups)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class RemoteUnreachable(GitError):
+    pass
+
+
+class RefNotFound(GitError):
+    pass
+
+
+class PrepareFailed(ArtifactError):
+    pass
+
+
+class RepoNotReady(ArtifactError):
+    pass
+
+
+class BlobFetchFailed(GitError):
+    pass

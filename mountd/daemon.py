@@ -1,0 +1,178 @@
+"""mountd: the one process per host that knows every mount.
+
+It follows the registry and keeps one mount process (mountd/mountproc.py) per registered
+repository: a gated placeholder while the repository prepares, the commit once it is ready, EIO
+once it failed. The event log is the truth; the daemon re-reads it whenever it changes (a cheap
+position check on a short timer) and on every wake-up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from artifactfs.config import Settings
+from artifactfs.model import PrepareState
+from artifactfs.mounts import is_mounted, is_stale, unmount
+from artifactfs.registry import Registry, Repo
+
+log = logging.getLogger("artifactfs.mountd")
+
+POLL_SECONDS = 0.5  # how often the log position is checked when nothing wakes the daemon
+FULL_RECHECK_SECONDS = 5.0
+MOUNT_WAIT_SECONDS = 10.0
+RESTART_BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
+
+
+@dataclass
+class MountChild:
+    name: str
+    mount_path: Path
+    proc: subprocess.Popen[bytes]
+    gate: tuple[str, ...] | None = None  # the last order sent, to send each change once
+
+    def send(self, order: dict[str, str]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(order).encode() + b"\n")
+        self.proc.stdin.flush()
+
+
+class MountDaemon:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.children: dict[str, MountChild] = {}
+        self.wake = threading.Event()
+        self.stopping = False
+        self._position = -1
+        self._last_full = 0.0
+        self._restart_after: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    # --- lifecycle ---
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.settings.ensure_dirs()
+        self._write_pidfile()
+        log.info("mountd started (root %s)", self.settings.root)
+        try:
+            while not self.stopping:
+                self.reconcile()
+                self.wake.wait(POLL_SECONDS)
+                self.wake.clear()
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("signal %d: unmounting everything", signum)
+        self.stopping = True
+        self.wake.set()
+
+    def _write_pidfile(self) -> None:
+        (self.settings.run_root / "mountd.pid").write_text(f"{os.getpid()}\n")
+
+    def shutdown(self) -> None:
+        for name in list(self.children):
+            self._stop_child(name)
+        (self.settings.run_root / "mountd.pid").unlink(missing_ok=True)
+        log.info("mountd stopped")
+
+    # --- following the registry ---
+
+    def reconcile(self) -> None:
+        now = time.monotonic()
+        position = self.registry.position()
+        dead = [c for c in self.children.values() if c.proc.poll() is not None]
+        if position == self._position and not dead and now - self._last_full < FULL_RECHECK_SECONDS:
+            return
+        self._position, self._last_full = position, now
+        repos = {repo.name: repo for repo in self.registry.repos()}
+        for name in list(self.children):
+            child = self.children[name]
+            repo = repos.get(name)
+            if repo is None or Path(repo.mount_path) != child.mount_path:
+                self._stop_child(name)
+            elif child.proc.poll() is not None:
+                log.warning("%s: mount process exited with %s", name, child.proc.returncode)
+                self._stop_child(name)
+                self._backoff(name)
+        for name, repo in repos.items():
+            if name not in self.children and now >= self._restart_after.get(name, 0):
+                self._start_child(repo)
+            if name in self.children:
+                self._update_gate(self.children[name], repo)
+
+    def _update_gate(self, child: MountChild, repo: Repo) -> None:
+        state = repo.state
+        if state is PrepareState.READY and repo.head:
+            order = {"op": "ready", "git_dir": repo.git_dir, "head": repo.head}
+        elif state is PrepareState.FAILED:
+            order = {"op": "failed", "error": repo.prepare_error or ""}
+        else:
+            order = {"op": "reset"}
+        key = tuple(order.values())
+        if key != child.gate:
+            try:
+                child.send(order)
+                child.gate = key
+            except (BrokenPipeError, OSError) as exc:
+                log.warning("%s: could not reach mount process: %s", child.name, exc)
+
+    # --- mount processes ---
+
+    def _start_child(self, repo: Repo) -> None:
+        mount_path = Path(repo.mount_path)
+        if is_mounted(mount_path):
+            # Left over from a previous mountd (often stale: ENOTCONN). Only this daemon mounts here.
+            log.info("%s: taking down an old mount at %s (stale: %s)", repo.name, mount_path, is_stale(mount_path))
+            if not unmount(mount_path):
+                unmount(mount_path, lazy=True)
+        mount_path.mkdir(parents=True, exist_ok=True)
+        self.settings.repo_state_dir(repo.name).mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "mountd.mountproc",
+            "--name", repo.name,
+            "--mount-path", str(mount_path),
+            "--stats-file", str(self.settings.stats_file(repo.name)),
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        ready_line = proc.stdout.readline()  # the child prints "mounted" once pyfuse3.init returned
+        if ready_line.strip() != b"mounted":
+            proc.wait()
+            log.error("%s: could not mount at %s (exit %s)", repo.name, mount_path, proc.returncode)
+            self._backoff(repo.name)
+            return
+        log.info("%s: mounted at %s (pid %d)", repo.name, mount_path, proc.pid)
+        self.children[repo.name] = MountChild(repo.name, mount_path, proc)
+
+    def _backoff(self, name: str) -> None:
+        failures = self._failures[name] = self._failures.get(name, 0) + 1
+        delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS)) - 1]
+        self._restart_after[name] = time.monotonic() + delay
+
+    def _stop_child(self, name: str) -> None:
+        child = self.children.pop(name)
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(timeout=MOUNT_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        if is_mounted(child.mount_path) and not unmount(child.mount_path):
+            unmount(child.mount_path, lazy=True)
+        log.info("%s: unmounted %s", name, child.mount_path)
+
+
+def run_daemon(settings: Settings, registry: Registry) -> None:
+    MountDaemon(settings, registry).run()
