@@ -24,10 +24,10 @@ PROG = "artifactfs"
 
 
 def open_registry(settings: Settings) -> "Registry":
-    from .registry import Registry
+    from .registry import open_registry
 
     settings.ensure_dirs()
-    return Registry(settings.database_url)
+    return open_registry(settings.database_url)
 
 
 # --- commands ---

@@ -107,7 +107,11 @@ def classify_git_error(args: Sequence[str], stderr: bytes) -> GitError:
     text = redact(stderr.decode("utf-8", "replace")).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
-    summary = (fatal[-1] if fatal else (lines[-1] if lines else f"git {args[0]} failed")).strip()
+    # The first fatal line is the specific one ("'x' does not appear to be a git repository");
+    # later ones are git's generic advice ("Could not read from remote repository.").
+    summary = (fatal[0] if fatal else (lines[-1] if lines else f"git {args[0]} failed")).strip()
+    for prefix in ("fatal: ", "error: "):
+        summary = summary.removeprefix(prefix)
     low = text.lower()
     if "remote branch" in low and "not found" in low or "couldn't find remote ref" in low:
         return RefNotFound(summary)

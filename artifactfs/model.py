@@ -3,6 +3,9 @@ that name what went wrong. Every other module speaks in these terms."""
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
 
 
 class PrepareState(str, enum.Enum):
@@ -96,3 +99,66 @@ class RepoNotReady(ArtifactError):
 
 class BlobFetchFailed(GitError):
     pass
+
+
+# --- records ----------------------------------------------------------------------------------
+# Plain dataclasses, so that reading and appending need no ORM import (the CLI's lean path); the
+# SQLModel tables in tables.py have exactly these columns.
+
+
+@dataclass
+class RepoState:
+    """A row of the `repos` projection: a repository's current state, folded from its events."""
+
+    name: str
+    remote_url: str  # never holds credentials
+    ref: str
+    mount_path: str
+    git_dir: str
+    fetch_ref: str | None = None
+    prepared_gitdir: bool = False
+    asynchronous: bool = False
+    prepare_state: str = PrepareState.PREPARING.value
+    prepare_phase: str | None = None
+    prepare_error: str | None = None
+    prepare_attempt: int = 1
+    head: str | None = None
+    version: int = 0  # the last stream version folded into this row
+    registered_at: datetime = field(default_factory=lambda: utcnow())
+    updated_at: datetime = field(default_factory=lambda: utcnow())
+
+    @property
+    def state(self) -> PrepareState:
+        return PrepareState(self.prepare_state)
+
+
+@dataclass
+class EventRecord:
+    """One entry of the append-only log."""
+
+    stream: str  # the repository's name
+    version: int  # 1, 2, 3, ... within the stream
+    type: str
+    payload: dict[str, Any]
+    created_at: datetime
+    job_id: str | None = None
+    dedupe_key: str | None = None  # set by jobs that may run twice: a second append is a no-op
+    id: int | None = None  # global position in the log, assigned on append
+
+    @property
+    def kind(self) -> EventType:
+        return EventType(self.type)
+
+
+@dataclass
+class NewEvent:
+    """An event a command decides to append; the registry gives it a version and a position."""
+
+    type: EventType
+    payload: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+    dedupe_key: str | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

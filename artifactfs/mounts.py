@@ -41,7 +41,7 @@ def is_stale(path: str | Path) -> bool:
     try:
         os.stat(path)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 

@@ -1,298 +1,387 @@
-"""The registry: an append-only event log and the `repos` projection folded from it.
+"""The registry: the append-only event log and the `repos` projection folded from it.
 
-Every change of a repository is appended to `events` in one transaction together with the update of
-its `repos` row, so the projection can always be rebuilt from the log (`Registry.rebuild`). Writers
-decide what to append inside the write transaction (`Registry.append(stream, decide)`), which makes
-checks such as "is this name free?" atomic with the append. Versions are unique per stream, so two
-writers cannot both append version 7; on SQLite, writers take the lock up front (`BEGIN IMMEDIATE`)
-and wait for each other (busy timeout) instead of failing with "database is locked".
+Every change of a repository is appended to `events` in one transaction together with the update
+of its `repos` row, so the projection can always be rebuilt from the log (`Registry.rebuild`).
+Writers decide what to append inside the write transaction (`Registry.append(stream, decide)`),
+which makes checks such as "is this name free?" atomic with the append. Versions are unique per
+stream, so two writers cannot both append version 7.
+
+Two drivers serve the same tables (defined once, as SQLModel tables, in tables.py):
+- SQLite, the embedded default, through the standard library: WAL, a busy timeout, and writers
+  that take the lock up front (`BEGIN IMMEDIATE`), so concurrent processes wait instead of failing
+  with "database is locked". Importing SQLAlchemy and pydantic costs more than half a second on
+  these machines, which a CLI that must answer in milliseconds cannot pay on every call.
+- Any other URL (PostgreSQL for a fleet) through SQLAlchemy on the SQLModel tables.
+The append algorithm and the projection are shared; a driver only moves rows.
 """
 from __future__ import annotations
 
+import json
+import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event, func
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from .model import ConcurrencyConflict, EventRecord, NewEvent, RepoState, UnknownRepo, utcnow
+from .projection import apply_event, fold
 
-from .model import ConcurrencyConflict, EventType, PrepareState, UnknownRepo
+REPO_COLUMNS = tuple(f.name for f in fields(RepoState))
+EVENT_COLUMNS = tuple(f.name for f in fields(EventRecord))
+APPEND_ATTEMPTS = 50
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+Decide = Callable[[RepoState | None], Sequence[NewEvent]]
 
 
-class Event(SQLModel, table=True):
-    __tablename__ = "events"
-    __table_args__ = (
-        UniqueConstraint("stream", "version", name="uq_events_stream_version"),
-        UniqueConstraint("dedupe_key", name="uq_events_dedupe_key"),
-    )
+class Tx(ABC):
+    """The row moves a driver provides, inside one transaction."""
 
-    id: int | None = Field(default=None, primary_key=True)  # global position in the log
-    stream: str = Field(index=True)  # the repository's name
-    version: int  # 1, 2, 3, ... within the stream
-    type: str
-    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_at: datetime = Field(default_factory=utcnow)
-    job_id: str | None = Field(default=None, index=True)
-    # Set by jobs that may run twice (at-least-once delivery): a second append is a no-op.
-    dedupe_key: str | None = None
+    @abstractmethod
+    def current_version(self, stream: str) -> int: ...
 
+    @abstractmethod
+    def seen(self, dedupe_keys: list[str]) -> set[str]: ...
 
-class Repo(SQLModel, table=True):
-    __tablename__ = "repos"
+    @abstractmethod
+    def insert_event(self, ev: EventRecord) -> int: ...
 
-    name: str = Field(primary_key=True)
-    remote_url: str  # never holds credentials
-    ref: str
-    fetch_ref: str | None = None
-    mount_path: str
-    git_dir: str
-    prepared_gitdir: bool = False
-    asynchronous: bool = False
-    prepare_state: str = PrepareState.PREPARING.value
-    prepare_phase: str | None = None
-    prepare_error: str | None = None
-    prepare_attempt: int = 0
-    head: str | None = None
-    version: int = 0  # last stream version folded into this row
-    registered_at: datetime = Field(default_factory=utcnow)
-    updated_at: datetime = Field(default_factory=utcnow)
+    @abstractmethod
+    def get_repo(self, name: str) -> RepoState | None: ...
 
-    @property
-    def state(self) -> PrepareState:
-        return PrepareState(self.prepare_state)
+    @abstractmethod
+    def list_repos(self) -> list[RepoState]: ...
+
+    @abstractmethod
+    def put_repo(self, repo: RepoState) -> None: ...
+
+    @abstractmethod
+    def delete_repo(self, name: str) -> None: ...
+
+    @abstractmethod
+    def list_events(self, stream: str | None, after: int) -> list[EventRecord]: ...
+
+    @abstractmethod
+    def position(self) -> int: ...
 
 
-@dataclass
-class NewEvent:
-    type: EventType
-    payload: dict[str, Any] = field(default_factory=dict)
-    job_id: str | None = None
-    dedupe_key: str | None = None
-
-
-# --- projection -----------------------------------------------------------------------------
-
-
-def apply_event(repo: Repo | None, ev: Event) -> Repo | None:
-    """Fold one event into a repository's current state. Pure: used by appends and rebuilds alike."""
-    kind = EventType(ev.type)
-    p = ev.payload
-    if kind is EventType.REGISTERED:
-        repo = Repo(
-            name=ev.stream,
-            remote_url=p["remote_url"],
-            ref=p["ref"],
-            fetch_ref=p.get("fetch_ref"),
-            mount_path=p["mount_path"],
-            git_dir=p["git_dir"],
-            prepared_gitdir=bool(p.get("prepared_gitdir", False)),
-            asynchronous=bool(p.get("asynchronous", False)),
-            prepare_state=PrepareState.PREPARING.value,
-            prepare_attempt=int(p.get("attempt", 1)),
-            registered_at=ev.created_at,
-        )
-    elif repo is None:
-        return None  # history of a name that is not registered now (e.g. an abandoned add)
-    elif kind is EventType.PREPARE_REQUESTED:
-        repo.prepare_state = PrepareState.PREPARING.value
-        repo.prepare_error = None
-        repo.prepare_phase = None
-        repo.prepare_attempt = int(p.get("attempt", repo.prepare_attempt + 1))
-    elif kind is EventType.PHASE:
-        repo.prepare_phase = p["phase"]
-    elif kind is EventType.READY:
-        repo.prepare_state = PrepareState.READY.value
-        repo.prepare_error = None
-        repo.prepare_phase = None
-        repo.head = p["head"]
-    elif kind is EventType.FAILED:
-        repo.prepare_state = PrepareState.FAILED.value
-        repo.prepare_error = p.get("error", "unknown error")
-    elif kind in (EventType.REMOVED, EventType.ADD_ABANDONED):
-        return None
-    repo.version = ev.version
-    repo.updated_at = ev.created_at
-    return repo
-
-
-def fold(events: Iterable[Event]) -> dict[str, Repo]:
-    state: dict[str, Repo | None] = {}
-    for ev in events:
-        state[ev.stream] = apply_event(state.get(ev.stream), ev)
-    return {name: repo for name, repo in state.items() if repo is not None}
-
-
-# --- engine ---------------------------------------------------------------------------------
-
-
-def _sqlite_engine(url: str, begin: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not pysqlite, decide when a transaction begins (see _on_begin).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
-
-    return engine
-
-
-class Registry:
+class Registry(ABC):
     """The event log and its projection behind one database URL."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        if self.is_sqlite:
-            # Writers lock up front so that read-then-append never upgrades a shared lock (which
-            # SQLite answers with SQLITE_BUSY at once, whatever the busy timeout).
-            self._write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE")
-            self._read_engine = _sqlite_engine(url, "BEGIN")
-        else:
-            self._write_engine = self._read_engine = create_engine(url, pool_pre_ping=True)
-        SQLModel.metadata.create_all(self._write_engine)
+    url: str
 
-    def close(self) -> None:
-        self._write_engine.dispose()
-        self._read_engine.dispose()
+    @abstractmethod
+    def _write(self) -> Any:
+        """Context manager: a write transaction (committed on success)."""
+
+    @abstractmethod
+    def _read(self) -> Any:
+        """Context manager: a consistent read."""
+
+    @abstractmethod
+    def close(self) -> None: ...
 
     # --- writing ---
 
-    def append(
-        self,
-        stream: str,
-        decide: Callable[[Repo | None], list[NewEvent]],
-        *,
-        expected_version: int | None = None,
-    ) -> list[Event]:
+    def append(self, stream: str, decide: Decide, *, expected_version: int | None = None) -> list[EventRecord]:
         """Append what `decide(current)` returns to `stream`, atomically with the projection.
 
         `decide` runs inside the write transaction and may raise to refuse (e.g. DuplicateRepo).
         Events whose dedupe_key is already in the log are skipped, so a redelivered job is a no-op.
         """
-        for attempt in range(50):
+        for attempt in range(APPEND_ATTEMPTS):
             try:
-                return self._append_once(stream, decide, expected_version)
-            except IntegrityError:
-                # Another writer took our version first (PostgreSQL has no BEGIN IMMEDIATE): decide
-                # again on the new state, unless the caller pinned the version it expected.
+                with self._write() as tx:
+                    return self._append(tx, stream, decide, expected_version)
+            except self._version_clash_errors() as exc:
+                # Another writer took our version first (only where writers do not lock up front):
+                # decide again on the new state, unless the caller pinned the version it expected.
                 if expected_version is not None:
-                    raise ConcurrencyConflict(f"stream {stream!r} moved past version {expected_version}")
-                time.sleep(0.01 * (attempt + 1))
-            except OperationalError as exc:  # pragma: no cover - only under extreme contention
-                if "locked" not in str(exc):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+                    raise ConcurrencyConflict(f"stream {stream!r} moved past version {expected_version}") from exc
+                time.sleep(0.005 * (attempt + 1))
         raise ConcurrencyConflict(f"could not append to stream {stream!r}: too much contention")
 
-    def _append_once(
-        self, stream: str, decide: Callable[[Repo | None], list[NewEvent]], expected_version: int | None
-    ) -> list[Event]:
-        with Session(self._write_engine, expire_on_commit=False) as session:
-            current_version = session.exec(
-                select(func.max(Event.version)).where(Event.stream == stream)
-            ).one() or 0
-            if expected_version is not None and current_version != expected_version:
-                raise ConcurrencyConflict(
-                    f"stream {stream!r} is at version {current_version}, expected {expected_version}"
-                )
-            repo = session.get(Repo, stream)
-            new_events = decide(repo)
-            keys = [e.dedupe_key for e in new_events if e.dedupe_key]
-            seen = set(
-                session.exec(select(Event.dedupe_key).where(Event.dedupe_key.in_(keys))).all()  # type: ignore[union-attr]
-            ) if keys else set()
-            appended: list[Event] = []
-            version = current_version
-            for new in new_events:
-                if new.dedupe_key and new.dedupe_key in seen:
-                    continue
-                version += 1
-                ev = Event(
-                    stream=stream,
-                    version=version,
-                    type=new.type.value,
-                    payload=new.payload,
-                    job_id=new.job_id,
-                    dedupe_key=new.dedupe_key,
-                )
-                session.add(ev)
-                appended.append(ev)
-                repo = self._project(session, repo, ev)
-            session.commit()
-            return appended
-
     @staticmethod
-    def _project(session: Session, repo: Repo | None, ev: Event) -> Repo | None:
-        existed = repo is not None and repo in session
-        new = apply_event(repo, ev)
-        if new is None:
-            if existed:
-                session.delete(repo)
-                session.flush()
-            return None
-        if new is not repo and existed:
-            # Re-registration after removal in the same transaction: replace the row.
-            session.delete(repo)
-            session.flush()
-        session.add(new)
-        return new
+    def _append(tx: Tx, stream: str, decide: Decide, expected_version: int | None) -> list[EventRecord]:
+        version = tx.current_version(stream)
+        if expected_version is not None and version != expected_version:
+            raise ConcurrencyConflict(f"stream {stream!r} is at version {version}, expected {expected_version}")
+        repo = tx.get_repo(stream)
+        new_events = list(decide(repo))
+        seen = tx.seen([e.dedupe_key for e in new_events if e.dedupe_key])
+        appended: list[EventRecord] = []
+        now = utcnow()
+        for new in new_events:
+            if new.dedupe_key and new.dedupe_key in seen:
+                continue
+            version += 1
+            ev = EventRecord(stream, version, new.type.value, new.payload, now, new.job_id, new.dedupe_key)
+            ev.id = tx.insert_event(ev)
+            appended.append(ev)
+            repo = apply_event(repo, ev)
+        if appended:
+            if repo is None:
+                tx.delete_repo(stream)
+            else:
+                tx.put_repo(repo)
+        return appended
+
+    def _version_clash_errors(self) -> tuple[type[BaseException], ...]:
+        return ()
 
     def rebuild(self) -> None:
         """Replace the projection by a fresh fold of the whole log."""
-        with Session(self._write_engine) as session:
-            state = fold(session.exec(select(Event).order_by(Event.id)).all())
-            for row in session.exec(select(Repo)).all():
-                session.delete(row)
-            session.flush()
+        with self._write() as tx:
+            state = fold(tx.list_events(None, 0))
+            for repo in tx.list_repos():
+                tx.delete_repo(repo.name)
             for repo in state.values():
-                session.add(repo)
-            session.commit()
+                tx.put_repo(repo)
 
     # --- reading ---
 
-    def get(self, name: str) -> Repo | None:
-        with Session(self._read_engine, expire_on_commit=False) as session:
-            return session.get(Repo, name)
+    def get(self, name: str) -> RepoState | None:
+        with self._read() as tx:
+            return tx.get_repo(name)
 
-    def require(self, name: str) -> Repo:
+    def require(self, name: str) -> RepoState:
         repo = self.get(name)
         if repo is None:
             raise UnknownRepo(name)
         return repo
 
-    def repos(self) -> list[Repo]:
-        with Session(self._read_engine, expire_on_commit=False) as session:
-            return list(session.exec(select(Repo).order_by(Repo.name)).all())
+    def repos(self) -> list[RepoState]:
+        with self._read() as tx:
+            return tx.list_repos()
 
-    def events(self, stream: str | None = None, *, after: int = 0) -> list[Event]:
-        with Session(self._read_engine, expire_on_commit=False) as session:
-            query = select(Event).where(Event.id > after).order_by(Event.id)
-            if stream is not None:
-                query = query.where(Event.stream == stream)
-            return list(session.exec(query).all())
+    def events(self, stream: str | None = None, *, after: int = 0) -> list[EventRecord]:
+        with self._read() as tx:
+            return tx.list_events(stream, after)
 
     def position(self) -> int:
         """The global position of the newest event (0 for an empty log)."""
-        with Session(self._read_engine) as session:
-            return session.exec(select(func.max(Event.id))).one() or 0
+        with self._read() as tx:
+            return tx.position()
 
-    def folded(self) -> dict[str, Repo]:
+    def folded(self) -> dict[str, RepoState]:
         """The projection as the log alone says it should be (for checks and repairs)."""
         return fold(self.events())
+
+
+# --- SQLite through the standard library ----------------------------------------------------------
+
+
+def _to_db(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # UTC without an offset, as SQLAlchemy stores timezone-aware datetimes in SQLite.
+        return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return value
+
+
+def _from_db_time(value: str) -> datetime:
+    return datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+
+
+def _repo_from_sqlite(row: sqlite3.Row) -> RepoState:
+    data = dict(row)
+    data["prepared_gitdir"] = bool(data["prepared_gitdir"])
+    data["asynchronous"] = bool(data["asynchronous"])
+    for key in ("registered_at", "updated_at"):
+        data[key] = _from_db_time(data[key])
+    return RepoState(**data)
+
+
+def _event_from_sqlite(row: sqlite3.Row) -> EventRecord:
+    data = dict(row)
+    data["payload"] = json.loads(data["payload"])
+    data["created_at"] = _from_db_time(data["created_at"])
+    return EventRecord(**data)
+
+
+class SqliteTx(Tx):
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def current_version(self, stream: str) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)).fetchone()[0]
+
+    def seen(self, dedupe_keys: list[str]) -> set[str]:
+        if not dedupe_keys:
+            return set()
+        marks = ",".join("?" * len(dedupe_keys))
+        rows = self.conn.execute(f"SELECT dedupe_key FROM events WHERE dedupe_key IN ({marks})", dedupe_keys)
+        return {r[0] for r in rows}
+
+    def insert_event(self, ev: EventRecord) -> int:
+        columns = [c for c in EVENT_COLUMNS if c != "id"]
+        cur = self.conn.execute(
+            f"INSERT INTO events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            [_to_db(getattr(ev, c)) for c in columns],
+        )
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def get_repo(self, name: str) -> RepoState | None:
+        row = self.conn.execute("SELECT * FROM repos WHERE name = ?", (name,)).fetchone()
+        return _repo_from_sqlite(row) if row else None
+
+    def list_repos(self) -> list[RepoState]:
+        return [_repo_from_sqlite(r) for r in self.conn.execute("SELECT * FROM repos ORDER BY name")]
+
+    def put_repo(self, repo: RepoState) -> None:
+        values = asdict(repo)
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO repos ({', '.join(REPO_COLUMNS)}) VALUES ({', '.join('?' * len(REPO_COLUMNS))})",
+            [_to_db(values[c]) for c in REPO_COLUMNS],
+        )
+
+    def delete_repo(self, name: str) -> None:
+        self.conn.execute("DELETE FROM repos WHERE name = ?", (name,))
+
+    def list_events(self, stream: str | None, after: int) -> list[EventRecord]:
+        if stream is None:
+            rows = self.conn.execute("SELECT * FROM events WHERE id > ? ORDER BY id", (after,))
+        else:
+            rows = self.conn.execute("SELECT * FROM events WHERE id > ? AND stream = ? ORDER BY id", (after, stream))
+        return [_event_from_sqlite(r) for r in rows]
+
+    def position(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+
+
+class SqliteRegistry(Registry):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = url.removeprefix("sqlite:///")
+        self._lock = threading.RLock()
+        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA busy_timeout=60000")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='repos'").fetchone():
+            from .tables import create_schema  # first use of this database only
+
+            create_schema(url)
+
+    @contextmanager
+    def _write(self) -> Iterator[SqliteTx]:
+        # IMMEDIATE: take the write lock before reading, so a read-then-append never has to
+        # upgrade a shared lock (which SQLite answers with SQLITE_BUSY at once, timeout or not).
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqliteTx(self.conn)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[SqliteTx]:
+        with self._lock:
+            self.conn.execute("BEGIN")
+            try:
+                yield SqliteTx(self.conn)
+            finally:
+                self.conn.execute("COMMIT")
+
+    def _version_clash_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.IntegrityError,)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- any database through SQLAlchemy --------------------------------------------------------------
+
+
+class SqlAlchemyTx(Tx):
+    def __init__(self, conn: Any) -> None:
+        from .tables import EventRow, RepoRow
+
+        self.conn = conn
+        self.events = EventRow.__table__  # type: ignore[attr-defined]
+        self.repos = RepoRow.__table__  # type: ignore[attr-defined]
+
+    def current_version(self, stream: str) -> int:
+        from sqlalchemy import func, select
+
+        return self.conn.execute(select(func.coalesce(func.max(self.events.c.version), 0)).where(self.events.c.stream == stream)).scalar_one()
+
+    def seen(self, dedupe_keys: list[str]) -> set[str]:
+        from sqlalchemy import select
+
+        if not dedupe_keys:
+            return set()
+        rows = self.conn.execute(select(self.events.c.dedupe_key).where(self.events.c.dedupe_key.in_(dedupe_keys)))
+        return {r[0] for r in rows}
+
+    def insert_event(self, ev: EventRecord) -> int:
+        values = {c: getattr(ev, c) for c in EVENT_COLUMNS if c != "id"}
+        return int(self.conn.execute(self.events.insert().values(**values)).inserted_primary_key[0])
+
+    def get_repo(self, name: str) -> RepoState | None:
+        row = self.conn.execute(self.repos.select().where(self.repos.c.name == name)).mappings().first()
+        return RepoState(**row) if row else None
+
+    def list_repos(self) -> list[RepoState]:
+        return [RepoState(**r) for r in self.conn.execute(self.repos.select().order_by(self.repos.c.name)).mappings()]
+
+    def put_repo(self, repo: RepoState) -> None:
+        self.delete_repo(repo.name)
+        self.conn.execute(self.repos.insert().values(**asdict(repo)))
+
+    def delete_repo(self, name: str) -> None:
+        self.conn.execute(self.repos.delete().where(self.repos.c.name == name))
+
+    def list_events(self, stream: str | None, after: int) -> list[EventRecord]:
+        query = self.events.select().where(self.events.c.id > after).order_by(self.events.c.id)
+        if stream is not None:
+            query = query.where(self.events.c.stream == stream)
+        return [EventRecord(**r) for r in self.conn.execute(query).mappings()]
+
+    def position(self) -> int:
+        from sqlalchemy import func, select
+
+        return self.conn.execute(select(func.coalesce(func.max(self.events.c.id), 0))).scalar_one()
+
+
+class SqlAlchemyRegistry(Registry):
+    def __init__(self, url: str) -> None:
+        from sqlmodel import SQLModel, create_engine
+
+        from . import tables  # noqa: F401  (registers the tables)
+
+        self.url = url
+        self.engine = create_engine(url, pool_pre_ping=True)
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def _write(self) -> Iterator[SqlAlchemyTx]:
+        with self.engine.begin() as conn:
+            yield SqlAlchemyTx(conn)
+
+    @contextmanager
+    def _read(self) -> Iterator[SqlAlchemyTx]:
+        with self.engine.connect() as conn:
+            yield SqlAlchemyTx(conn)
+
+    def _version_clash_errors(self) -> tuple[type[BaseException], ...]:
+        from sqlalchemy.exc import IntegrityError
+
+        return (IntegrityError,)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_registry(url: str, *, driver: str = "auto") -> Registry:
+    """The registry at `url`: the standard-library driver for SQLite files, SQLAlchemy otherwise."""
+    if driver == "sqlalchemy" or (driver == "auto" and not url.startswith("sqlite:///")):
+        return SqlAlchemyRegistry(url)
+    return SqliteRegistry(url)

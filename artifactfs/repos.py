@@ -10,9 +10,10 @@ from pathlib import Path
 from .config import Settings
 from .gitstore import clone_blobless, hydration_stats, run_git, git_env, store_credentials
 from .locks import repo_lock
-from .model import DisplayState, DuplicateRepo, EventType, Phase, PrepareState, UnknownRepo
+from .model import DisplayState, DuplicateRepo, EventType, Phase, PrepareState, RefNotFound, RemoteUnreachable, UnknownRepo
 from .mounts import is_mounted, unmount
-from .registry import NewEvent, Registry, Repo
+from .model import NewEvent, RepoState
+from .registry import Registry
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
 
 # How long remove-repo waits for mountd to take the mount down before doing it itself.
@@ -51,12 +52,12 @@ def registration(settings: Settings, req: AddRequest, *, asynchronous: bool, job
     )
 
 
-def claim(repo: Repo | None, name: str) -> None:
+def claim(repo: RepoState | None, name: str) -> None:
     if repo is not None:
         raise DuplicateRepo(name)
 
 
-def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> Repo:
+def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoState:
     """The blocking add: register, clone, and return once the repository is ready.
 
     On any failure (or Ctrl-C) the clone is removed and an ADD_ABANDONED event frees the name, so
@@ -101,12 +102,7 @@ def prepare_clone(
         registry.append(name, lambda _r: [NewEvent(EventType.PHASE, {"phase": p.value}, job_id=job_id, dedupe_key=f"{job_id}:{p.value}")])
 
     phase(Phase.VALIDATE)
-    # ls-remote names a missing ref or an unreachable remote plainly, before any clone starts.
-    out = run_git(["ls-remote", "--", remote_url, ref], env=git_env(credential_file)).stdout.decode()
-    if not out.strip():
-        from .model import RefNotFound
-
-        raise RefNotFound(f"ref {ref} does not exist in {remote_url}")
+    validate_remote(remote_url, ref, credential_file)
     phase(Phase.CLONE)
     result = clone_blobless(remote_url, ref, git_dir, settings.tmp_root, credential_file=credential_file)
     phase(Phase.INDEX)
@@ -118,6 +114,22 @@ def prepare_clone(
         lambda _r: [NewEvent(EventType.READY, {"head": result.head}, job_id=job_id, dedupe_key=f"{job_id}:ready")],
     )
     return result.head
+
+
+def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> str:
+    """Name an unreachable remote or a missing ref plainly, before any clone starts."""
+    try:
+        out = run_git(["ls-remote", "--", remote_url, ref], env=git_env(credential_file)).stdout.decode()
+    except RemoteUnreachable as exc:
+        raise RemoteUnreachable(
+            f"cannot read remote {remote_url}: {exc} (check the URL, the network and your access rights)",
+            transient=exc.transient,
+        ) from None
+    for line in out.splitlines():
+        oid, _, name = line.partition("\t")
+        if name == ref:
+            return oid
+    raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
 
 
 def _discard_leftovers(settings: Settings, name: str) -> None:
@@ -151,13 +163,13 @@ def remove_repo(settings: Settings, registry: Registry, name: str) -> None:
             pass  # not empty or not ours: leave it
 
 
-def _removal(current: Repo | None, name: str) -> list[NewEvent]:
+def _removal(current: RepoState | None, name: str) -> list[NewEvent]:
     if current is None:
         raise UnknownRepo(name)
     return [NewEvent(EventType.REMOVED, {})]
 
 
-def display_state(repo: Repo) -> DisplayState:
+def display_state(repo: RepoState) -> DisplayState:
     state = repo.state
     if state is PrepareState.PREPARING:
         return DisplayState.PREPARING
@@ -166,7 +178,7 @@ def display_state(repo: Repo) -> DisplayState:
     return DisplayState.MOUNTED if is_mounted(repo.mount_path) else DisplayState.UNMOUNTED
 
 
-def status_row(repo: Repo) -> dict[str, object]:
+def status_row(repo: RepoState) -> dict[str, object]:
     stats = hydration_stats(Path(repo.git_dir))
     return {
         "repo": repo.name,

@@ -21,7 +21,8 @@ from pathlib import Path
 from artifactfs.config import Settings
 from artifactfs.model import PrepareState
 from artifactfs.mounts import is_mounted, is_stale, unmount
-from artifactfs.registry import Registry, Repo
+from artifactfs.model import RepoState
+from artifactfs.registry import Registry
 
 log = logging.getLogger("artifactfs.mountd")
 
@@ -111,7 +112,7 @@ class MountDaemon:
             if name in self.children:
                 self._update_gate(self.children[name], repo)
 
-    def _update_gate(self, child: MountChild, repo: Repo) -> None:
+    def _update_gate(self, child: MountChild, repo: RepoState) -> None:
         state = repo.state
         if state is PrepareState.READY and repo.head:
             order = {"op": "ready", "git_dir": repo.git_dir, "head": repo.head}
@@ -129,7 +130,7 @@ class MountDaemon:
 
     # --- mount processes ---
 
-    def _start_child(self, repo: Repo) -> None:
+    def _start_child(self, repo: RepoState) -> None:
         mount_path = Path(repo.mount_path)
         if is_mounted(mount_path):
             # Left over from a previous mountd (often stale: ENOTCONN). Only this daemon mounts here.

@@ -1,0 +1,55 @@
+"""The projection: a repository's current state as a fold over its events. Pure functions, used
+alike by every append (in the same transaction) and by a rebuild from the log alone."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .model import EventRecord, EventType, PrepareState, RepoState
+
+
+def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
+    """Fold one event into a repository's state; None means "not registered"."""
+    kind = ev.kind
+    p = ev.payload
+    if kind is EventType.REGISTERED:
+        repo = RepoState(
+            name=ev.stream,
+            remote_url=p["remote_url"],
+            ref=p["ref"],
+            mount_path=p["mount_path"],
+            git_dir=p["git_dir"],
+            fetch_ref=p.get("fetch_ref"),
+            prepared_gitdir=bool(p.get("prepared_gitdir", False)),
+            asynchronous=bool(p.get("asynchronous", False)),
+            prepare_attempt=int(p.get("attempt", 1)),
+            registered_at=ev.created_at,
+        )
+    elif repo is None:
+        return None  # history of a name that is not registered now (e.g. an abandoned add)
+    elif kind is EventType.PREPARE_REQUESTED:
+        repo.prepare_state = PrepareState.PREPARING.value
+        repo.prepare_error = None
+        repo.prepare_phase = None
+        repo.prepare_attempt = int(p.get("attempt", repo.prepare_attempt + 1))
+    elif kind is EventType.PHASE:
+        repo.prepare_phase = p["phase"]
+    elif kind is EventType.READY:
+        repo.prepare_state = PrepareState.READY.value
+        repo.prepare_error = None
+        repo.prepare_phase = None
+        repo.head = p["head"]
+    elif kind is EventType.FAILED:
+        repo.prepare_state = PrepareState.FAILED.value
+        repo.prepare_error = p.get("error") or "unknown error"
+    elif kind in (EventType.REMOVED, EventType.ADD_ABANDONED):
+        return None
+    repo.version = ev.version
+    repo.updated_at = ev.created_at
+    return repo
+
+
+def fold(events: Iterable[EventRecord]) -> dict[str, RepoState]:
+    state: dict[str, RepoState | None] = {}
+    for ev in events:
+        state[ev.stream] = apply_event(state.get(ev.stream), ev)
+    return {name: repo for name, repo in state.items() if repo is not None}

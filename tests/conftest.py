@@ -1,0 +1,164 @@
+"""Fixtures that run the real thing: the artifactfs CLI and mountd as processes, real git
+remotes (see gitremote.py), real FUSE mounts."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from artifactfs.mounts import fuse_mounts, unmount
+
+from .gitremote import GitDaemon, SampleRepo, make_sample_repo
+
+PYTHON = sys.executable
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Artifactfs:
+    """One isolated artifactfs installation: its own state root, registry and mount root."""
+
+    root: Path
+    mount_root: Path
+    env: dict[str, str]
+    daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+        proc = subprocess.run(
+            [PYTHON, "-m", "artifactfs.cli", *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL, **kwargs,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"artifactfs {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    def fail(self, *args: str) -> str:
+        """Run a command that must fail with one clear line on stderr; return that line."""
+        proc = self.run(*args, check=False)
+        assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("artifactfs: error: "), lines[0]
+        assert "Traceback" not in proc.stderr
+        return lines[0]
+
+    def mount_path(self, name: str) -> Path:
+        return self.mount_root / name
+
+    def add(self, name: str, remote: str, *extra: str) -> None:
+        out = self.run("add-repo", "--name", name, "--remote", remote, *extra).stdout
+        assert out.strip() == f"added {name}", out
+
+    def status(self, name: str) -> dict[str, object]:
+        import json
+
+        return json.loads(self.run("status", "--name", name, "--json").stdout)
+
+    def start_daemon(self, log_name: str = "mountd.log") -> subprocess.Popen[bytes]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / log_name, "ab")
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "artifactfs.cli", "--log-level", "INFO", "daemon"], env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        log.close()
+        self.daemons.append(proc)
+        return proc
+
+    def stop_daemon(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=30)
+        finally:
+            if proc in self.daemons:
+                self.daemons.remove(proc)
+
+    def wait_mounted(self, name: str, timeout: float = 20.0) -> Path:
+        path = self.mount_path(name)
+        wait_until(lambda: str(path) in fuse_mounts(), timeout, what=f"{path} to be mounted")
+        return path
+
+    def wait_unmounted(self, name: str, timeout: float = 20.0) -> None:
+        path = self.mount_path(name)
+        wait_until(lambda: str(path) not in fuse_mounts(), timeout, what=f"{path} to be unmounted")
+
+    def daemon_log(self) -> str:
+        path = self.root / "mountd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def cleanup(self) -> None:
+        for proc in list(self.daemons):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        # Whatever is still mounted under this installation is a leak from a failed test.
+        for path in fuse_mounts():
+            if path.startswith(str(self.root)):
+                if not unmount(path):
+                    unmount(path, lazy=True)
+
+
+def new_installation(base: Path) -> Artifactfs:
+    root = base / "afs"
+    mount_root = base / "mnt"
+    env = dict(os.environ)
+    env.update(
+        ARTIFACTFS_ROOT=str(root),
+        ARTIFACTFS_MOUNT_ROOT=str(mount_root),
+        ARTIFACTFS_LOG_LEVEL="INFO",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    env.pop("ARTIFACTFS_DATABASE_URL", None)
+    env.pop("ARTIFACTFS_REDIS_URL", None)
+    return Artifactfs(root=root, mount_root=mount_root, env=env)
+
+
+@pytest.fixture
+def afs(tmp_path: Path) -> Iterator[Artifactfs]:
+    inst = new_installation(tmp_path)
+    try:
+        yield inst
+    finally:
+        inst.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sample_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("remotes")
+
+
+@pytest.fixture(scope="session")
+def sample(sample_base: Path) -> SampleRepo:
+    """The sample repository; tests must not change it (use their own for that)."""
+    return make_sample_repo(sample_base, "sample")
+
+
+@pytest.fixture
+def git_daemon(tmp_path: Path) -> Iterator[GitDaemon]:
+    """A git daemon over a directory of the test's own, with a fetch-transaction counter."""
+    base = tmp_path / "served"
+    base.mkdir()
+    with GitDaemon(base) as daemon:
+        yield daemon

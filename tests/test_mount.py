@@ -1,0 +1,254 @@
+"""The mounted tree through a real FUSE mount run by mountd: contents, modes, git inside it,
+laziness, batching, and read-only behaviour."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Artifactfs, new_installation, wait_until
+from .gitremote import GitDaemon, SampleRepo, make_many_files_repo, make_sample_repo
+
+
+@pytest.fixture(scope="module")
+def mounted(tmp_path_factory: pytest.TempPathFactory, sample: SampleRepo) -> Iterator[tuple[Artifactfs, Path]]:
+    """The sample repository added over file:// and mounted by a running mountd."""
+    afs = new_installation(tmp_path_factory.mktemp("mounted"))
+    try:
+        afs.add("sample", sample.url)
+        afs.start_daemon()
+        yield afs, afs.wait_mounted("sample")
+    finally:
+        afs.cleanup()
+
+
+def git_out(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def present_blobs(git_dir: Path) -> set[str]:
+    out = git_out(f"--git-dir={git_dir}", "cat-file", "--batch-all-objects", "--batch-check=%(objecttype) %(objectname)")
+    return {line.split()[1] for line in out.splitlines() if line.startswith("blob ")}
+
+
+def walk(root: Path) -> dict[str, os.stat_result]:
+    found: dict[str, os.stat_result] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            found[str(path.relative_to(root))] = path.lstat()
+    return found
+
+
+def test_tree_lists_every_path_with_its_kind(mounted: tuple[Artifactfs, Path], sample: SampleRepo) -> None:
+    _, mnt = mounted
+    entries = walk(mnt)
+    expected = set(sample.files) | set(sample.symlinks) | set(sample.gitlinks)
+    parents = {str(Path(p).parent) for p in expected if "/" in p}
+    parents |= {str(Path(p).parents[i]) for p in expected for i in range(len(Path(p).parents) - 1)}
+    assert set(entries) == expected | parents | {".git"}
+    for path in sample.files:
+        assert stat.S_ISREG(entries[path].st_mode), path
+    for path in sample.symlinks:
+        assert stat.S_ISLNK(entries[path].st_mode), path
+    for path in sample.gitlinks:
+        assert stat.S_ISDIR(entries[path].st_mode), path
+        assert os.listdir(mnt / path) == []  # a submodule shows as an empty directory
+
+
+def test_every_file_reads_back_byte_for_byte(mounted: tuple[Artifactfs, Path], sample: SampleRepo) -> None:
+    _, mnt = mounted
+    for path, content in sample.files.items():
+        data = (mnt / path).read_bytes()
+        assert data == content, path
+        # ...and equals what git itself says the blob is.
+        blob = subprocess.run(["git", f"--git-dir={sample.bare}", "cat-file", "blob", sample.blob_id(path)],
+                              capture_output=True, check=True).stdout  # fmt: skip
+        assert data == blob, path
+        assert (mnt / path).stat().st_size == len(content), path
+
+
+def test_symlinks_and_executable_bits(mounted: tuple[Artifactfs, Path], sample: SampleRepo) -> None:
+    _, mnt = mounted
+    for path, target in sample.symlinks.items():
+        assert os.readlink(mnt / path) == target
+    assert (mnt / "docs/link-to-readme").read_bytes() == sample.files["README.md"]
+    assert sorted(os.listdir(mnt / "srclink")) == sorted(os.listdir(mnt / "src"))
+    for path in sample.files:
+        mode = (mnt / path).stat().st_mode
+        assert bool(mode & stat.S_IXUSR) == (path in sample.executables), path
+    assert sample.executables, "the sample must have an executable"
+    out = subprocess.run([str(mnt / sorted(sample.executables)[0])], capture_output=True)
+    assert out.returncode == 0
+
+
+def test_git_commands_work_inside_the_mount(mounted: tuple[Artifactfs, Path], sample: SampleRepo) -> None:
+    afs, mnt = mounted
+    assert (mnt / ".git").read_text() == f"gitdir: {afs.root / 'git' / 'sample.git'}\n"
+    assert git_out("rev-parse", "HEAD", cwd=mnt).strip() == sample.head
+    assert git_out("rev-parse", "--show-toplevel", cwd=mnt).strip() == str(mnt)
+    log = git_out("log", "--format=%H", cwd=mnt).split()
+    assert log == list(reversed(sample.history))
+    shown = subprocess.run(["git", "show", "HEAD:README.md"], cwd=mnt, capture_output=True, check=True).stdout
+    assert shown == sample.files["README.md"]
+    assert git_out("ls-files", cwd=mnt).splitlines()  # the index was populated
+
+
+def test_writes_fail_with_erofs(mounted: tuple[Artifactfs, Path]) -> None:
+    _, mnt = mounted
+    attempts = [
+        lambda: (mnt / "new.txt").write_text("x"),
+        lambda: open(mnt / "README.md", "a").close(),
+        lambda: open(mnt / "README.md", "r+b").close(),
+        lambda: (mnt / "README.md").unlink(),
+        lambda: (mnt / "newdir").mkdir(),
+        lambda: (mnt / "README.md").rename(mnt / "README.old"),
+        lambda: os.chmod(mnt / "README.md", 0o600),
+        lambda: os.symlink("README.md", mnt / "another-link"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS, info.value
+    assert not (mnt / "new.txt").exists()
+
+
+def test_status_reports_mounted_and_hydration(mounted: tuple[Artifactfs, Path], sample: SampleRepo) -> None:
+    afs, mnt = mounted
+    (mnt / "README.md").read_bytes()
+    row = afs.status("sample")
+    assert row["state"] == "mounted" and row["head"] == sample.head
+    assert row["hydrated_blobs"] >= 1 and row["hydrated_bytes"] >= len(sample.files["README.md"])
+
+
+@pytest.fixture
+def served_many(git_daemon: GitDaemon) -> SampleRepo:
+    return make_many_files_repo(git_daemon.base, "many", files=5000, dirs=50)
+
+
+def test_reading_one_file_fetches_that_blob_only(afs: Artifactfs, git_daemon: GitDaemon, served_many: SampleRepo) -> None:
+    afs.add("many", git_daemon.url("many.git"))
+    git_dir = afs.root / "git" / "many.git"
+    assert present_blobs(git_dir) == set()  # a blobless clone
+    afs.start_daemon()
+    mnt = afs.wait_mounted("many")
+    git_daemon.reset_count()
+    path = "d017/f1017.txt"
+    assert (mnt / path).read_bytes() == served_many.files[path]
+    assert present_blobs(git_dir) == {served_many.blob_id(path)}
+    assert git_daemon.fetch_count() == 1
+    # Hydrated blobs never touch the network again, even with the remote broken.
+    git_daemon.set_broken(True)
+    assert (mnt / path).read_bytes() == served_many.files[path]
+    assert git_daemon.fetch_count() == 1
+    # A blob that is not hydrated cannot be read while the remote is broken: EIO, not garbage.
+    with pytest.raises(OSError) as info:
+        (mnt / "d018/f1018.txt").read_bytes()
+    assert info.value.errno == errno.EIO
+    git_daemon.set_broken(False)
+    assert (mnt / "d018/f1018.txt").read_bytes() == served_many.files["d018/f1018.txt"]
+
+
+def test_reading_many_files_costs_few_fetch_transactions(afs: Artifactfs, git_daemon: GitDaemon, served_many: SampleRepo) -> None:
+    afs.add("many", git_daemon.url("many.git"))
+    afs.start_daemon()
+    mnt = afs.wait_mounted("many")
+    git_daemon.reset_count()
+    files = 0
+    for dirpath, _dirs, names in os.walk(mnt):
+        for name in names:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(mnt))
+            if rel == ".git":
+                continue
+            assert path.read_bytes() == served_many.files[rel], rel
+            files += 1
+    assert files == len(served_many.files)
+    transactions = git_daemon.fetch_count()
+    # One batch per listed directory at most (51 here), never one per file (5001).
+    assert transactions <= 60, transactions
+    assert present_blobs(afs.root / "git" / "many.git") == {served_many.blob_id(p) for p in served_many.files}
+
+
+def test_concurrent_readers_share_one_fetch(afs: Artifactfs, git_daemon: GitDaemon) -> None:
+    sample = make_sample_repo(git_daemon.base, "shared")
+    afs.add("shared", git_daemon.url("shared.git"))
+    afs.start_daemon()
+    mnt = afs.wait_mounted("shared")
+    git_daemon.reset_count()
+    git_daemon.set_delay(0.5)  # keep the fetch in flight while every reader arrives
+    results: list[bytes] = []
+    readers = [threading.Thread(target=lambda: results.append((mnt / "assets/big.txt").read_bytes())) for _ in range(8)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(60)
+    assert results == [sample.files["assets/big.txt"]] * 8
+    assert git_daemon.fetch_count() == 1
+
+
+def test_daemon_restart_remounts_with_hydrated_blobs_kept(afs: Artifactfs, git_daemon: GitDaemon) -> None:
+    sample = make_sample_repo(git_daemon.base, "restart")
+    afs.add("restart", git_daemon.url("restart.git"))
+    daemon = afs.start_daemon()
+    mnt = afs.wait_mounted("restart")
+    assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
+    hydrated = afs.status("restart")["hydrated_blobs"]
+    assert afs.stop_daemon(daemon) == 0
+    afs.wait_unmounted("restart")
+    assert afs.status("restart")["state"] == "unmounted"
+    git_daemon.set_broken(True)  # what was hydrated must come from local objects alone
+    git_daemon.reset_count()
+    afs.start_daemon("mountd2.log")
+    afs.wait_mounted("restart")
+    assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
+    assert afs.status("restart")["hydrated_blobs"] == hydrated
+    assert git_daemon.fetch_count() == 0
+
+
+def test_daemon_follows_adds_and_removes(afs: Artifactfs, sample: SampleRepo) -> None:
+    afs.start_daemon()
+    afs.add("late", sample.url)
+    mnt = afs.wait_mounted("late")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+    afs.run("remove-repo", "--name", "late")
+    afs.wait_unmounted("late")
+    assert not (afs.root / "git" / "late.git").exists()
+    wait_until(lambda: not mnt.exists(), what="the mount directory to go")
+
+
+def mount_process_pids(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"mountd.mountproc --name {name} "], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_a_crashed_mount_process_is_replaced(afs: Artifactfs, sample: SampleRepo) -> None:
+    afs.add("crash", sample.url)
+    afs.start_daemon()
+    mnt = afs.wait_mounted("crash")
+    [pid] = mount_process_pids("crash")
+    os.kill(pid, 9)  # the FUSE server dies: the mount is left stale (ENOTCONN)
+    wait_until(lambda: mount_process_pids("crash") not in ([], [pid]), what="a new mount process")
+    wait_until(lambda: (mnt / "README.md").exists(), what="the mount to come back")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+
+
+def test_a_new_daemon_takes_down_a_stale_mount(afs: Artifactfs, sample: SampleRepo) -> None:
+    afs.add("stale", sample.url)
+    daemon = afs.start_daemon()
+    mnt = afs.wait_mounted("stale")
+    [pid] = mount_process_pids("stale")
+    os.kill(pid, 9)
+    afs.stop_daemon(daemon, sig=9)  # nobody is left to clean up
+    with pytest.raises(OSError) as info:
+        os.stat(mnt / "README.md")
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    afs.start_daemon("mountd2.log")
+    wait_until(lambda: (mnt / "README.md").exists(), what="the mount to come back")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
