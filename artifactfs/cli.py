@@ -34,11 +34,26 @@ def open_registry(settings: Settings) -> "Registry":
 
 
 def cmd_add_repo(args: argparse.Namespace, settings: Settings) -> int:
-    from .repos import add_repo, parse_add_request
+    from .repos import add_repo, add_repo_async, parse_add_request
 
-    req = parse_add_request(settings, args.name, args.remote, args.ref, args.mount_root)
-    add_repo(settings, open_registry(settings), req)
-    print(f"added {req.name}")
+    req = parse_add_request(
+        settings, args.name, args.remote, args.ref, args.mount_root,
+        prepared_gitdir=args.prepared_gitdir, git_dir=args.git_dir, fetch_ref=args.fetch_ref,
+    )  # fmt: skip
+    if args.asynchronous:
+        add_repo_async(settings, open_registry(settings), req)
+        print(f"queued {req.name}")
+    else:
+        add_repo(settings, open_registry(settings), req)
+        print(f"added {req.name}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    from .repos import request_prepare
+
+    attempt = request_prepare(settings, open_registry(settings), args.name)
+    print(f"queued {args.name} (attempt {attempt})")
     return 0
 
 
@@ -107,6 +122,34 @@ def cmd_daemon(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.app import app
+
+    settings.ensure_dirs()
+    app.worker_main([
+        "worker", "--queues", settings.queue, "--hostname", f"artifactfs@{settings.host}",
+        "--concurrency", str(args.concurrency), "--task-events", "--loglevel", args.log_level.upper(),
+        "--without-gossip", "--without-mingle",
+    ])  # fmt: skip
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from .stack import up
+
+    for line in up(settings, flower_port=args.flower_port, concurrency=args.concurrency):
+        print(line)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    from .stack import down
+
+    for line in down(settings):
+        print(line)
+    return 0
+
+
 # --- parsing ---
 
 
@@ -128,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", required=True, help="file://, git://, http(s)://, ssh:// URL or user@host:path")
     p.add_argument("--ref", default="refs/heads/main", help="branch or tag to mount (default: refs/heads/main)")
     p.add_argument("--mount-root", help="directory to mount under (default: $ARTIFACTFS_MOUNT_ROOT or <root>/mnt)")
+    p.add_argument("--async", dest="asynchronous", action="store_true",
+                   help="return once registered; a worker prepares it while mountd shows a gated placeholder")
+    p.add_argument("--prepared-gitdir", action="store_true",
+                   help="fetch into an existing git directory (--git-dir) instead of cloning")
+    p.add_argument("--git-dir", help="with --prepared-gitdir: the git directory to fetch into")
+    p.add_argument("--fetch-ref", help="with --prepared-gitdir: the remote ref to fetch into --ref")
+
+    p = command("prepare", cmd_prepare, "prepare a repository again (after a failure, or to refresh it)")
+    p.add_argument("--name", required=True)
 
     command("list-repos", cmd_list_repos, "list registered repositories")
 
@@ -143,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     command("daemon", cmd_daemon, "run mountd: mount every registered repository until SIGTERM")
+
+    p = command("worker", cmd_worker, "run a Celery worker for this host's prepare jobs")
+    p.add_argument("--concurrency", type=int, default=2, help="prepare jobs run at once (default 2)")
+
+    p = command("up", cmd_up, "start the embedded stack: redis-server, a worker, mountd and Flower")
+    p.add_argument("--flower-port", type=int, default=int(os.environ.get("ARTIFACTFS_FLOWER_PORT", "5555")))
+    p.add_argument("--concurrency", type=int, default=2, help="the worker's prepare jobs at once")
+
+    command("down", cmd_down, "stop what `up` started")
     return parser
 
 

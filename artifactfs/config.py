@@ -20,6 +20,11 @@ class Settings:
     mount_root: Path
     redis_url: str | None
     host: str
+    prepare_deadline: float = 1800.0  # seconds after which a preparing attempt is failed
+    job_soft_limit: float = 1500.0  # a prepare job's soft and hard time limits, both under
+    job_hard_limit: float = 1700.0  # the broker's visibility timeout
+    visibility_timeout: float = 1800.0
+    job_retries: int = 5  # transient git failures retried with exponential backoff
 
     @property
     def git_root(self) -> Path:
@@ -41,6 +46,20 @@ class Settings:
     def state_root(self) -> Path:
         """Per-repository state that is not git's: hydration statistics, later the overlay."""
         return self.root / "state"
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.run_root / "redis.sock"
+
+    @property
+    def wakeup_url(self) -> str:
+        """Redis for wake-ups and the job broker: ARTIFACTFS_REDIS_URL, else the embedded one."""
+        return self.redis_url or f"unix://{self.embedded_redis_socket}"
+
+    @property
+    def queue(self) -> str:
+        """This host's job queue: a clone must land on the host whose mountd mounts it."""
+        return f"artifactfs.{self.host}"
 
     @property
     def credential_root(self) -> Path:
@@ -80,4 +99,9 @@ def load_settings() -> Settings:
         mount_root=mount_root,
         redis_url=os.environ.get("ARTIFACTFS_REDIS_URL") or None,
         host=os.environ.get("ARTIFACTFS_HOST") or socket.gethostname(),
+        prepare_deadline=float(os.environ.get("ARTIFACTFS_PREPARE_DEADLINE") or 1800),
+        job_soft_limit=float(os.environ.get("ARTIFACTFS_JOB_SOFT_LIMIT") or 1500),
+        job_hard_limit=float(os.environ.get("ARTIFACTFS_JOB_HARD_LIMIT") or 1700),
+        visibility_timeout=float(os.environ.get("ARTIFACTFS_VISIBILITY_TIMEOUT") or 1800),
+        job_retries=int(os.environ.get("ARTIFACTFS_JOB_RETRIES") or 5),
     )

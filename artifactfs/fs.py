@@ -111,8 +111,13 @@ class TreeFS(pyfuse3.Operations):
 
     # --- what is shown ---
 
-    def show(self, git_dir: Path, head: str, hydrator: Hydrator) -> None:
-        """Show commit `head` of `git_dir` (called when the repository becomes ready)."""
+    def show(self, git_dir: Path, head: str, hydrator: Hydrator) -> list[tuple[int, bytes]]:
+        """Show commit `head` of `git_dir` (called when the repository becomes ready).
+
+        Returns the (parent inode, name) entries of the commit shown before, which the kernel may
+        still cache and the caller must invalidate. Their nodes stay resolvable, so a file opened
+        before keeps reading the content it opened.
+        """
         repo = pygit2.Repository(str(git_dir))
         commit = repo.get(head)
         if not isinstance(commit, pygit2.Commit):
@@ -125,9 +130,15 @@ class TreeFS(pyfuse3.Operations):
         )
         snap.nodes[pyfuse3.ROOT_INODE] = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, b"", Kind.DIR, str(commit.tree_id))
         snap.nodes[DOTGIT_INODE] = Node(DOTGIT_INODE, pyfuse3.ROOT_INODE, b".git", Kind.DOTGIT, None)
+        stale: list[tuple[int, bytes]] = []
+        if self.snapshot is not None:
+            for inode, node in self.snapshot.nodes.items():
+                if inode not in snap.nodes:
+                    snap.nodes[inode] = node
+                    stale.append((node.parent, node.name))
         self.snapshot = snap
         self.hydrator = hydrator
-        self._blob_cache.clear()
+        return stale
 
     def is_present(self, oid: str) -> bool:
         assert self.snapshot is not None

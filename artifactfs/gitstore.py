@@ -6,8 +6,10 @@ waits on a terminal nobody watches would hang forever.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -16,6 +18,9 @@ from pathlib import Path
 
 from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
 from .remotes import Remote, redact
+
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn must not dlopen
 
 # Substrings of git's stderr that mean "try again later" rather than "this will never work".
 TRANSIENT_MARKERS = (
@@ -82,6 +87,15 @@ def git_env(credential_file: Path | None = None, base: dict[str, str] | None = N
     return env
 
 
+def die_with_parent() -> None:
+    """In the child before exec: be killed when the process that started us dies.
+
+    A worker killed mid-clone must not leave a git clone running on its own (and racing the
+    redelivered job).
+    """
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_git(
     args: Sequence[str],
     *,
@@ -89,6 +103,7 @@ def run_git(
     input: bytes | None = None,
     env: dict[str, str] | None = None,
     timeout: float | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
     cmd = ["git"]
     if git_dir is not None:
@@ -96,9 +111,9 @@ def run_git(
     cmd.extend(args)
     proc = subprocess.run(
         cmd, input=input, capture_output=True, env=env if env is not None else git_env(), timeout=timeout,
-        stdin=None if input is not None else subprocess.DEVNULL,
+        stdin=None if input is not None else subprocess.DEVNULL, preexec_fn=die_with_parent,
     )
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise classify_git_error(args, proc.stderr)
     return proc
 
@@ -186,8 +201,6 @@ def clone_blobless(
 
 def configure_clone(git_dir: Path, credential_file: Path | None) -> None:
     settings = [
-        # A mount has no checked-out files git could trust; never let it rewrite the tree.
-        ("core.bare", "false"),
         ("gc.auto", "0"),  # repacking under a live mount would only cost time
         ("fetch.writeCommitGraph", "false"),
     ]

@@ -122,6 +122,7 @@ class RepoState:
     prepare_phase: str | None = None
     prepare_error: str | None = None
     prepare_attempt: int = 1
+    attempt_started_at: datetime | None = None  # for the overall prepare deadline
     head: str | None = None
     version: int = 0  # the last stream version folded into this row
     registered_at: datetime = field(default_factory=lambda: utcnow())
@@ -162,3 +163,7 @@ class NewEvent:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class StaleAttempt(ArtifactError):
+    """A newer preparation attempt (or a removal) superseded the one this job was running."""

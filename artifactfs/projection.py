@@ -22,6 +22,7 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
             prepared_gitdir=bool(p.get("prepared_gitdir", False)),
             asynchronous=bool(p.get("asynchronous", False)),
             prepare_attempt=int(p.get("attempt", 1)),
+            attempt_started_at=ev.created_at,
             registered_at=ev.created_at,
         )
     elif repo is None:
@@ -31,6 +32,8 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
         repo.prepare_error = None
         repo.prepare_phase = None
         repo.prepare_attempt = int(p.get("attempt", repo.prepare_attempt + 1))
+        repo.attempt_started_at = ev.created_at
+        repo.asynchronous = True  # a retry is always a worker's job
     elif kind is EventType.PHASE:
         repo.prepare_phase = p["phase"]
     elif kind is EventType.READY:

@@ -191,8 +191,9 @@ def _repo_from_sqlite(row: sqlite3.Row) -> RepoState:
     data = dict(row)
     data["prepared_gitdir"] = bool(data["prepared_gitdir"])
     data["asynchronous"] = bool(data["asynchronous"])
-    for key in ("registered_at", "updated_at"):
-        data[key] = _from_db_time(data[key])
+    for key in ("registered_at", "updated_at", "attempt_started_at"):
+        if data[key] is not None:
+            data[key] = _from_db_time(data[key])
     return RepoState(**data)
 
 

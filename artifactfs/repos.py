@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .gitstore import clone_blobless, hydration_stats, run_git, git_env, store_credentials
+from .gitstore import hydration_stats, store_credentials
 from .locks import repo_lock
-from .model import DisplayState, DuplicateRepo, EventType, Phase, PrepareState, RefNotFound, RemoteUnreachable, UnknownRepo
+from .model import DisplayState, DuplicateRepo, EventType, InvalidInput, NewEvent, PrepareState, RepoState, UnknownRepo
 from .mounts import is_mounted, unmount
-from .model import NewEvent, RepoState
+from .prepare import Preparation, announce, check_git_dir, record
 from .registry import Registry
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
 
@@ -26,25 +26,53 @@ class AddRequest:
     remote: Remote
     ref: str
     mount_path: Path
+    git_dir: Path
+    prepared_gitdir: bool = False  # someone else's git directory: fetch into it, never delete it
+    fetch_ref: str | None = None  # what to fetch from the remote into `ref`, if not `ref` itself
 
 
-def parse_add_request(settings: Settings, name: str, remote: str, ref: str, mount_root: str | None) -> AddRequest:
+def parse_add_request(
+    settings: Settings,
+    name: str,
+    remote: str,
+    ref: str,
+    mount_root: str | None,
+    *,
+    prepared_gitdir: bool = False,
+    git_dir: str | None = None,
+    fetch_ref: str | None = None,
+) -> AddRequest:
     """Validate everything a user typed before anything is written."""
     validate_name(name)
     parsed = parse_remote(remote)
     full_ref = validate_ref(ref)
     root = Path(mount_root).expanduser().absolute() if mount_root else None
-    return AddRequest(name=name, remote=parsed, ref=full_ref, mount_path=settings.mount_path(name, root))
+    if prepared_gitdir:
+        if not git_dir or not fetch_ref:
+            raise InvalidInput("--prepared-gitdir needs --git-dir DIR and --fetch-ref REF")
+        directory = Path(git_dir).expanduser().absolute()
+        check_git_dir(directory)
+        fetch_ref = validate_ref(fetch_ref)
+    elif git_dir or fetch_ref:
+        raise InvalidInput("--git-dir and --fetch-ref only go with --prepared-gitdir")
+    else:
+        directory = settings.git_dir(name)
+    return AddRequest(
+        name=name, remote=parsed, ref=full_ref, mount_path=settings.mount_path(name, root), git_dir=directory,
+        prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref,
+    )  # fmt: skip
 
 
-def registration(settings: Settings, req: AddRequest, *, asynchronous: bool, job_id: str) -> NewEvent:
+def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> NewEvent:
     return NewEvent(
         EventType.REGISTERED,
         {
             "remote_url": req.remote.url,
             "ref": req.ref,
+            "fetch_ref": req.fetch_ref,
             "mount_path": str(req.mount_path),
-            "git_dir": str(settings.git_dir(req.name)),
+            "git_dir": str(req.git_dir),
+            "prepared_gitdir": req.prepared_gitdir,
             "asynchronous": asynchronous,
             "attempt": 1,
         },
@@ -52,9 +80,16 @@ def registration(settings: Settings, req: AddRequest, *, asynchronous: bool, job
     )
 
 
-def claim(repo: RepoState | None, name: str) -> None:
-    if repo is not None:
-        raise DuplicateRepo(name)
+def register(settings: Settings, registry: Registry, req: AddRequest, *, asynchronous: bool, job_id: str | None) -> None:
+    """Claim the name in the log (refused if taken) and clear what an earlier owner left behind."""
+
+    def decide(repo: RepoState | None) -> list[NewEvent]:
+        if repo is not None:
+            raise DuplicateRepo(req.name)
+        return [registration(req, asynchronous=asynchronous, job_id=job_id)]
+
+    registry.append(req.name, decide)
+    _discard_leftovers(settings, req.name)
 
 
 def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoState:
@@ -64,76 +99,52 @@ def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoSta
     nothing is left behind but the record of the attempt in the log.
     """
     settings.ensure_dirs()
-    job_id = f"add-{req.name}-{uuid.uuid4().hex[:12]}"
+    job_id = f"add:{req.name}:{uuid.uuid4().hex[:12]}"
     with repo_lock(settings.lock_file(req.name)):
-        registry.append(
-            req.name,
-            lambda repo: claim(repo, req.name) or [registration(settings, req, asynchronous=False, job_id=job_id)],
-        )
-        git_dir = settings.git_dir(req.name)
+        register(settings, registry, req, asynchronous=False, job_id=job_id)
         credential_file = settings.credential_file(req.name) if req.remote.has_credentials else None
         try:
-            _discard_leftovers(settings, req.name)
             if credential_file is not None:
                 store_credentials(req.remote, credential_file)
-            head = prepare_clone(settings, registry, req.name, req.remote.url, req.ref, git_dir, credential_file, job_id)
+            Preparation(settings, registry, registry.require(req.name), job_id, credential_file).run()
         except BaseException as exc:
             _discard_leftovers(settings, req.name)
             error = redact(str(exc)) or type(exc).__name__
-            registry.append(req.name, lambda _repo: [NewEvent(EventType.ADD_ABANDONED, {"error": error}, job_id=job_id)])
+            record(settings, registry, req.name, NewEvent(EventType.ADD_ABANDONED, {"error": error}, job_id=job_id))
             raise
-        del head
     return registry.require(req.name)
 
 
-def prepare_clone(
-    settings: Settings,
-    registry: Registry,
-    name: str,
-    remote_url: str,
-    ref: str,
-    git_dir: Path,
-    credential_file: Path | None,
-    job_id: str,
-) -> str:
-    """The prepare phases of a fresh clone, each one an event: validate, clone, index, publish."""
-
-    def phase(p: Phase) -> None:
-        registry.append(name, lambda _r: [NewEvent(EventType.PHASE, {"phase": p.value}, job_id=job_id, dedupe_key=f"{job_id}:{p.value}")])
-
-    phase(Phase.VALIDATE)
-    validate_remote(remote_url, ref, credential_file)
-    phase(Phase.CLONE)
-    result = clone_blobless(remote_url, ref, git_dir, settings.tmp_root, credential_file=credential_file)
-    phase(Phase.INDEX)
-    # An index of the commit's tree: read-tree needs only trees, which a blobless clone has.
-    run_git(["read-tree", result.head], git_dir=git_dir)
-    phase(Phase.PUBLISH)
-    registry.append(
-        name,
-        lambda _r: [NewEvent(EventType.READY, {"head": result.head}, job_id=job_id, dedupe_key=f"{job_id}:ready")],
-    )
-    return result.head
+def add_repo_async(settings: Settings, registry: Registry, req: AddRequest) -> None:
+    """Register and return at once; mountd mounts a gated placeholder and a worker prepares it."""
+    if req.remote.has_credentials:
+        raise InvalidInput(
+            "inline credentials are refused with --async (a background job must never hold them): "
+            "configure a git credential helper or an ssh key for the worker and give the URL without them"
+        )
+    settings.ensure_dirs()
+    with repo_lock(settings.lock_file(req.name)):
+        register(settings, registry, req, asynchronous=True, job_id=None)
+    announce(settings, req.name)
 
 
-def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> str:
-    """Name an unreachable remote or a missing ref plainly, before any clone starts."""
-    try:
-        out = run_git(["ls-remote", "--", remote_url, ref], env=git_env(credential_file)).stdout.decode()
-    except RemoteUnreachable as exc:
-        raise RemoteUnreachable(
-            f"cannot read remote {remote_url}: {exc} (check the URL, the network and your access rights)",
-            transient=exc.transient,
-        ) from None
-    for line in out.splitlines():
-        oid, _, name = line.partition("\t")
-        if name == ref:
-            return oid
-    raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
+def request_prepare(settings: Settings, registry: Registry, name: str) -> int:
+    """Ask for a new preparation attempt (after a failure, or to refresh); returns its number."""
+    validate_name(name)
+
+    def decide(repo: RepoState | None) -> list[NewEvent]:
+        if repo is None:
+            raise UnknownRepo(name)
+        return [NewEvent(EventType.PREPARE_REQUESTED, {"attempt": repo.prepare_attempt + 1})]
+
+    [event] = registry.append(name, decide)
+    announce(settings, name)
+    return int(event.payload["attempt"])
 
 
 def _discard_leftovers(settings: Settings, name: str) -> None:
-    """Remove the git dir, credentials and state of an unregistered or abandoned name."""
+    """Remove the git dir, credentials and state of an unregistered or abandoned name (never a
+    prepared git dir: those live elsewhere and belong to whoever made them)."""
     shutil.rmtree(settings.git_dir(name), ignore_errors=True)
     shutil.rmtree(settings.repo_state_dir(name), ignore_errors=True)
     settings.credential_file(name).unlink(missing_ok=True)
@@ -142,11 +153,14 @@ def _discard_leftovers(settings: Settings, name: str) -> None:
 def remove_repo(settings: Settings, registry: Registry, name: str) -> None:
     """Unregister a repository, take its mount down and delete its state."""
     validate_name(name)
-    with repo_lock(settings.lock_file(name)):
+    # A running prepare job holds the lock for as long as its clone takes; removal does not wait
+    # for it: the job finds its attempt superseded at its next phase and discards what it made.
+    with repo_lock(settings.lock_file(name), blocking=False):
         repo = registry.get(name)
         if repo is None:
             raise UnknownRepo(name)
         registry.append(name, lambda current: _removal(current, name))
+        announce(settings, name)
         mount_path = Path(repo.mount_path)
         # mountd sees the removal and unmounts; if it does not (not running), do it here.
         deadline = time.monotonic() + UNMOUNT_GRACE_SECONDS

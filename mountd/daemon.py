@@ -2,8 +2,12 @@
 
 It follows the registry and keeps one mount process (mountd/mountproc.py) per registered
 repository: a gated placeholder while the repository prepares, the commit once it is ready, EIO
-once it failed. The event log is the truth; the daemon re-reads it whenever it changes (a cheap
-position check on a short timer) and on every wake-up.
+once it failed. For every preparing attempt it publishes a prepare job to this host's queue, and it
+fails attempts that outlive the prepare deadline.
+
+The event log is the truth, Redis pub/sub only a wake-up: the daemon subscribes first, then reads
+the log; it re-reads it on every (re)subscribe, on every wake-up, and on a timer (a cheap position
+check), so a message lost while Redis or mountd was down delays nothing for long.
 """
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifactfs.config import Settings
-from artifactfs.model import PrepareState
+from artifactfs.model import EventType, NewEvent, PrepareState, StaleAttempt
+from artifactfs.jobs import publish_prepare
+from artifactfs.model import utcnow
+from artifactfs.prepare import current_attempt, record
+from artifactfs.wakeup import CHANNEL
 from artifactfs.mounts import is_mounted, is_stale, unmount
 from artifactfs.model import RepoState
 from artifactfs.registry import Registry
@@ -27,6 +35,7 @@ from artifactfs.registry import Registry
 log = logging.getLogger("artifactfs.mountd")
 
 POLL_SECONDS = 0.5  # how often the log position is checked when nothing wakes the daemon
+RESUBSCRIBE_SECONDS = (0.2, 0.5, 1, 2, 5)
 FULL_RECHECK_SECONDS = 5.0
 MOUNT_WAIT_SECONDS = 10.0
 RESTART_BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
@@ -54,8 +63,11 @@ class MountDaemon:
         self.stopping = False
         self._position = -1
         self._last_full = 0.0
+        self._resubscribed = False
         self._restart_after: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._published: dict[str, int] = {}  # repo -> attempt whose job was sent
+        self._spare: subprocess.Popen[bytes] | None = None  # a mount process, imports done
 
     # --- lifecycle ---
 
@@ -64,7 +76,9 @@ class MountDaemon:
         signal.signal(signal.SIGINT, self._on_signal)
         self.settings.ensure_dirs()
         self._write_pidfile()
-        log.info("mountd started (root %s)", self.settings.root)
+        self._spare = self._spawn_spare()
+        threading.Thread(target=self._listen, name="wakeups", daemon=True).start()
+        log.info("mountd started (root %s, queue %s)", self.settings.root, self.settings.queue)
         try:
             while not self.stopping:
                 self.reconcile()
@@ -82,10 +96,41 @@ class MountDaemon:
         (self.settings.run_root / "mountd.pid").write_text(f"{os.getpid()}\n")
 
     def shutdown(self) -> None:
+        if self._spare is not None:
+            self._spare.stdin.close()  # type: ignore[union-attr]
+            self._spare.wait()
         for name in list(self.children):
             self._stop_child(name)
         (self.settings.run_root / "mountd.pid").unlink(missing_ok=True)
         log.info("mountd stopped")
+
+    # --- wake-ups ---
+
+    def _listen(self) -> None:
+        """Subscribe to wake-ups; after every (re)subscribe, read the log again."""
+        import redis
+
+        failures = 0
+        while not self.stopping:
+            try:
+                client = redis.Redis.from_url(self.settings.wakeup_url, socket_connect_timeout=2)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                log.info("subscribed to wake-ups on %s", CHANNEL)
+                failures = 0
+                # Anything published while we were away is lost: read the log, and hand jobs
+                # out again (a restarted Redis may have lost its queue; jobs are idempotent).
+                self._resubscribed = True
+                self.wake.set()
+                while not self.stopping:
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self.wake.set()
+            except Exception as exc:  # RedisError, or anything else: never stop listening
+                delay = RESUBSCRIBE_SECONDS[min(failures, len(RESUBSCRIBE_SECONDS) - 1)]
+                failures += 1
+                if failures == 1:
+                    log.warning("wake-ups unavailable (%s); following the log by polling", exc)
+                time.sleep(delay)
 
     # --- following the registry ---
 
@@ -93,7 +138,10 @@ class MountDaemon:
         now = time.monotonic()
         position = self.registry.position()
         dead = [c for c in self.children.values() if c.proc.poll() is not None]
-        if position == self._position and not dead and now - self._last_full < FULL_RECHECK_SECONDS:
+        if self._resubscribed:
+            self._resubscribed = False
+            self._published.clear()
+        elif position == self._position and not dead and now - self._last_full < FULL_RECHECK_SECONDS:
             return
         self._position, self._last_full = position, now
         repos = {repo.name: repo for repo in self.registry.repos()}
@@ -111,6 +159,37 @@ class MountDaemon:
                 self._start_child(repo)
             if name in self.children:
                 self._update_gate(self.children[name], repo)
+        for repo in repos.values():
+            self._drive_preparation(repo)
+
+    def _drive_preparation(self, repo: RepoState) -> None:
+        """Publish the job of a preparing attempt once; fail an attempt past the deadline."""
+        if repo.state is not PrepareState.PREPARING:
+            self._published.pop(repo.name, None)
+            return
+        started = repo.attempt_started_at
+        if started is not None and (utcnow() - started).total_seconds() > self.settings.prepare_deadline:
+            error = f"preparation did not finish within {self.settings.prepare_deadline:g}s (see: artifactfs events --name {repo.name})"
+            try:
+                record(
+                    self.settings, self.registry, repo.name,
+                    NewEvent(EventType.FAILED, {"error": error}, dedupe_key=f"deadline:{repo.name}:{repo.prepare_attempt}"),
+                    guard=current_attempt(repo.prepare_attempt),
+                )  # fmt: skip
+                log.error("%s: %s", repo.name, error)
+            except StaleAttempt:
+                pass
+            return
+        if not repo.asynchronous or self._published.get(repo.name) == repo.prepare_attempt:
+            return  # a blocking add prepares in its own process
+        try:
+            tid = publish_prepare(self.settings, repo)
+        except Exception as exc:  # broker down: the next reconcile tries again
+            log.warning("%s: could not publish the prepare job: %s", repo.name, exc)
+            self._last_full = 0.0
+            return
+        self._published[repo.name] = repo.prepare_attempt
+        log.info("%s: published prepare job %s", repo.name, tid)
 
     def _update_gate(self, child: MountChild, repo: RepoState) -> None:
         state = repo.state
@@ -139,15 +218,17 @@ class MountDaemon:
                 unmount(mount_path, lazy=True)
         mount_path.mkdir(parents=True, exist_ok=True)
         self.settings.repo_state_dir(repo.name).mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable, "-m", "mountd.mountproc",
-            "--name", repo.name,
-            "--mount-path", str(mount_path),
-            "--stats-file", str(self.settings.stats_file(repo.name)),
-        ]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert proc.stdout is not None
+        proc, self._spare = self._spare or self._spawn_spare(), None
+        order = {"op": "mount", "name": repo.name, "mount_path": str(mount_path),
+                 "stats_file": str(self.settings.stats_file(repo.name))}  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(order).encode() + b"\n")
+            proc.stdin.flush()
+        except OSError:
+            pass  # a dead spare: reported below like any failed mount
         ready_line = proc.stdout.readline()  # the child prints "mounted" once pyfuse3.init returned
+        self._spare = self._spawn_spare()  # the next mount is instant too
         if ready_line.strip() != b"mounted":
             proc.wait()
             log.error("%s: could not mount at %s (exit %s)", repo.name, mount_path, proc.returncode)
@@ -155,6 +236,12 @@ class MountDaemon:
             return
         log.info("%s: mounted at %s (pid %d)", repo.name, mount_path, proc.pid)
         self.children[repo.name] = MountChild(repo.name, mount_path, proc)
+
+    @staticmethod
+    def _spawn_spare() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mountd.mountproc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )  # fmt: skip
 
     def _backoff(self, name: str) -> None:
         failures = self._failures[name] = self._failures.get(name, 0) + 1

@@ -94,11 +94,13 @@ class MountProcess:
             return
         # Credentials, if the repository has any, come from its git config (a store helper).
         hydrator = Hydrator(git_dir, self.fs.is_present, credential_env=git_env(), on_batch=self._write_stats)
-        self.fs.show(git_dir, head, hydrator)
+        stale = self.fs.show(git_dir, head, hydrator)
         assert self.nursery is not None
         self.nursery.start_soon(hydrator.run)
         if self.shown is not None:
-            # A new commit: drop what the kernel remembers of the old one.
+            # A new commit: make the kernel forget the names it cached from the old one.
+            for parent, name in stale:
+                pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
             pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=False)
         self.shown = (str(git_dir), head)
 
@@ -111,15 +113,30 @@ class MountProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Start as a warm spare: imports done, wait for the first order, {"op": "mount", ...}.
+
+    mountd keeps one spare ready, so mounting a placeholder costs milliseconds, not the half a
+    second that starting Python and importing pyfuse3, trio and pygit2 take here.
+    """
     parser = argparse.ArgumentParser(prog="artifactfs-mount")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--mount-path", required=True, type=Path)
-    parser.add_argument("--stats-file", type=Path)
     parser.add_argument("--log-level", default=os.environ.get("ARTIFACTFS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s mount[{args.name}] %(levelname)s %(message)s")
-    proc = MountProcess(args.name, args.mount_path, args.stats_file)
-    proc.mount()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0  # mountd went away before it needed this spare
+    order = json.loads(line)
+    assert order["op"] == "mount", order
+    name = order["name"]
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s mount[{name}] %(levelname)s %(message)s")
+    stats_file = Path(order["stats_file"]) if order.get("stats_file") else None
+    proc = MountProcess(name, Path(order["mount_path"]), stats_file)
+    try:
+        proc.mount()
+    except RuntimeError as exc:
+        log.error("%s: cannot mount at %s: %s", name, order["mount_path"], exc)
+        return 1
+    if stats_file is not None:
+        (stats_file.parent / "mount.pid").write_text(f"{os.getpid()}\n")  # for operators and tests
     print("mounted", flush=True)
     try:
         trio.run(proc.serve)

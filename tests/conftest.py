@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,19 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -100,11 +114,54 @@ class Artifactfs:
         path = self.mount_path(name)
         wait_until(lambda: str(path) not in fuse_mounts(), timeout, what=f"{path} to be unmounted")
 
+    def up(self) -> str:
+        """`artifactfs up`: private redis-server, a worker, mountd and Flower."""
+        return self.run("up", "--flower-port", str(self.flower_port), timeout=120).stdout
+
+    def down(self) -> str:
+        return self.run("down", timeout=120).stdout
+
+    @property
+    def flower_port(self) -> int:
+        return int(self.env["ARTIFACTFS_FLOWER_PORT"])
+
+    def service_pid(self, name: str) -> int:
+        return int((self.root / "run" / f"{name}.pid").read_text())
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Signal one service of the stack and wait until its process is gone."""
+        pid = self.service_pid(name)
+        os.kill(pid, sig)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30, what=f"{name} to exit")
+
+    def log(self, name: str) -> str:
+        path = self.root / "log" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_state(self, name: str, state: str, timeout: float = 60.0) -> dict[str, object]:
+        return wait_until(
+            lambda: (row := self.status(name))["state"] == state and row, timeout, interval=0.1,
+            what=f"{name} to be {state}",
+        )  # fmt: skip
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 60.0) -> None:
+        wait_until(lambda: self.status(name)["phase"] == phase, timeout, interval=0.05, what=f"{name} in phase {phase}")
+
+    def registry_state(self, name: str) -> str | None:
+        """prepare_state straight from the projection (status would also look at the mount)."""
+        import sqlite3
+
+        with sqlite3.connect(self.root / "registry.db", timeout=30) as conn:
+            row = conn.execute("SELECT prepare_state FROM repos WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
     def daemon_log(self) -> str:
         path = self.root / "mountd.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def cleanup(self) -> None:
+        if (self.root / "run").exists():
+            self.run("down", check=False, timeout=120)
         for proc in list(self.daemons):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -129,6 +186,8 @@ def new_installation(base: Path) -> Artifactfs:
         ARTIFACTFS_MOUNT_ROOT=str(mount_root),
         ARTIFACTFS_LOG_LEVEL="INFO",
         PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        ARTIFACTFS_FLOWER_PORT=str(free_port()),
+        ARTIFACTFS_HOST=f"test-{base.name}",  # a queue of its own: no test takes another's jobs
     )
     env.pop("ARTIFACTFS_DATABASE_URL", None)
     env.pop("ARTIFACTFS_REDIS_URL", None)

@@ -230,18 +230,24 @@ def readable(path: Path) -> bool:
         return False
 
 
-def mount_process_pids(name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"mountd.mountproc --name {name} "], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
+def mount_process_pid(afs: Artifactfs, name: str) -> int | None:
+    """The live FUSE server of mount `name`, from the pid file it writes."""
+    try:
+        pid = int((afs.root / "state" / name / "mount.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def test_a_crashed_mount_process_is_replaced(afs: Artifactfs, sample: SampleRepo) -> None:
     afs.add("crash", sample.url)
     afs.start_daemon()
     mnt = afs.wait_mounted("crash")
-    [pid] = mount_process_pids("crash")
+    pid = mount_process_pid(afs, "crash")
+    assert pid is not None
     os.kill(pid, 9)  # the FUSE server dies: the mount is left stale (ENOTCONN)
-    wait_until(lambda: mount_process_pids("crash") not in ([], [pid]), what="a new mount process")
+    wait_until(lambda: mount_process_pid(afs, "crash") not in (None, pid), what="a new mount process")
     wait_until(lambda: readable(mnt / "README.md"), what="the mount to come back")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
 
@@ -250,7 +256,8 @@ def test_a_new_daemon_takes_down_a_stale_mount(afs: Artifactfs, sample: SampleRe
     afs.add("stale", sample.url)
     daemon = afs.start_daemon()
     mnt = afs.wait_mounted("stale")
-    [pid] = mount_process_pids("stale")
+    pid = mount_process_pid(afs, "stale")
+    assert pid is not None
     os.kill(pid, 9)
     afs.stop_daemon(daemon, sig=9)  # nobody is left to clean up
     with pytest.raises(OSError) as info:

@@ -1,0 +1,99 @@
+"""Prepare jobs, apart from Celery: what a job does (run_prepare_job) and how mountd hands one to
+this host's queue (publish_prepare). The Celery task in workers/tasks.py is a thin shell."""
+from __future__ import annotations
+
+import enum
+import logging
+import shutil
+
+from .config import Settings
+from .locks import repo_lock
+from .model import ArtifactError, EventType, GitError, NewEvent, PrepareState, RepoState, StaleAttempt
+from .prepare import Preparation, current_attempt, record
+from .registry import open_registry
+from .remotes import redact
+
+log = logging.getLogger("artifactfs.jobs")
+
+PREPARE_TASK = "artifactfs.prepare"
+
+
+class PrepareOutcome(str, enum.Enum):
+    READY = "ready"
+    FAILED = "failed"
+    RETRY = "retry"  # transient failure: the caller backs off and runs the job again
+    SKIPPED = "skipped"  # nothing to do: removed, already prepared, or superseded
+
+
+def task_id(name: str, attempt: int) -> str:
+    """Deterministic per attempt: a duplicate publish of the same attempt is the same job."""
+    return f"prepare:{name}:{attempt}"
+
+
+def publish_prepare(settings: Settings, repo: RepoState) -> str:
+    """Send the prepare job of `repo`'s current attempt to this host's queue."""
+    from workers.app import app
+
+    tid = task_id(repo.name, repo.prepare_attempt)
+    app.send_task(
+        PREPARE_TASK,
+        kwargs={"repo": repo.name, "attempt": repo.prepare_attempt, "host": settings.host},
+        task_id=tid,
+        queue=settings.queue,
+    )
+    return tid
+
+
+def run_prepare_job(
+    settings: Settings,
+    name: str,
+    attempt: int,
+    *,
+    job_id: str,
+    may_retry: bool = False,
+    timed_out: bool = False,
+) -> PrepareOutcome:
+    registry = open_registry(settings.database_url)
+    try:
+        with repo_lock(settings.lock_file(name)):
+            repo = registry.get(name)
+            if repo is None or repo.prepare_attempt != attempt or repo.state is not PrepareState.PREPARING:
+                log.info("%s: attempt %d has nothing to do (%s)", name, attempt, repo.prepare_state if repo else "removed")
+                return PrepareOutcome.SKIPPED
+            if timed_out:
+                return _fail(settings, registry, repo, job_id, "preparation exceeded its time limit")
+            credential_file = settings.credential_file(name)
+            credentials = credential_file if credential_file.exists() else None
+            try:
+                Preparation(settings, registry, repo, job_id, credentials).run()
+                return PrepareOutcome.READY
+            except StaleAttempt:
+                if registry.get(name) is None and not repo.prepared_gitdir:
+                    shutil.rmtree(repo.git_dir, ignore_errors=True)  # removed while we cloned
+                return PrepareOutcome.SKIPPED
+            except GitError as exc:
+                if exc.transient and may_retry:
+                    log.warning("%s: transient failure, will retry: %s", name, redact(str(exc)))
+                    return PrepareOutcome.RETRY
+                return _fail(settings, registry, repo, job_id, str(exc))
+            except ArtifactError as exc:
+                return _fail(settings, registry, repo, job_id, str(exc))
+            except Exception as exc:  # a bug must still fail the repository, not leave it preparing
+                log.exception("%s: preparation crashed", name)
+                return _fail(settings, registry, repo, job_id, f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        registry.close()
+
+
+def _fail(settings: Settings, registry, repo: RepoState, job_id: str, error: str) -> PrepareOutcome:  # type: ignore[no-untyped-def]
+    error = redact(error)
+    log.error("%s: preparation failed: %s", repo.name, error)
+    try:
+        record(
+            settings, registry, repo.name,
+            NewEvent(EventType.FAILED, {"error": error}, job_id=job_id, dedupe_key=f"{job_id}:failed"),
+            guard=current_attempt(repo.prepare_attempt),
+        )  # fmt: skip
+    except StaleAttempt:
+        return PrepareOutcome.SKIPPED
+    return PrepareOutcome.FAILED

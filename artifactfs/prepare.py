@@ -1,0 +1,155 @@
+"""Preparation: the phases that turn a registration into a git directory the mount can show.
+
+validate (the remote answers and has the ref) -> clone (blobless, into a temporary directory,
+renamed into place) or fetch + update_branch (into an existing or someone else's prepared git
+directory) -> index (read-tree: trees only, no blobs) -> publish (the READY event, with the head).
+
+Each phase is an event, so `status` and `events` show progress while a preparation runs. Events
+carry the job id and a dedupe key, so a redelivered job appends nothing twice. The same code runs
+for a blocking `add-repo` and inside a worker's prepare job; callers hold the repository's lock.
+"""
+from __future__ import annotations
+
+import glob
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+from .gitstore import clone_blobless, git_env, run_git
+from .model import (
+    EventType,
+    InvalidInput,
+    NewEvent,
+    Phase,
+    PrepareState,
+    RefNotFound,
+    RemoteUnreachable,
+    RepoState,
+    StaleAttempt,
+)
+from .registry import Registry
+from .wakeup import publish
+
+
+def announce(settings: Settings, name: str) -> None:
+    """Wake whoever follows the log (mountd); losing this message only delays them."""
+    publish(settings.wakeup_url, name)
+
+
+Guard = Callable[[RepoState | None], None]
+
+
+def current_attempt(attempt: int) -> Guard:
+    """Refuse to append for an attempt that a newer one (or a removal) has superseded."""
+
+    def guard(repo: RepoState | None) -> None:
+        if repo is None or repo.prepare_attempt != attempt or repo.state is not PrepareState.PREPARING:
+            raise StaleAttempt(f"attempt {attempt} is no longer current")
+
+    return guard
+
+
+def record(settings: Settings, registry: Registry, name: str, *events: NewEvent, guard: Guard | None = None) -> None:
+    """Append events (after `guard` approved the current state) and wake mountd."""
+
+    def decide(repo: RepoState | None) -> list[NewEvent]:
+        if guard is not None:
+            guard(repo)
+        return list(events)
+
+    registry.append(name, decide)
+    announce(settings, name)
+
+
+def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> str:
+    """Name an unreachable remote or a missing ref plainly, before any clone starts."""
+    try:
+        out = run_git(["ls-remote", "--", remote_url, ref], env=git_env(credential_file)).stdout.decode()
+    except RemoteUnreachable as exc:
+        raise RemoteUnreachable(
+            f"cannot read remote {remote_url}: {exc} (check the URL, the network and your access rights)",
+            transient=exc.transient,
+        ) from None
+    for line in out.splitlines():
+        oid, _, name = line.partition("\t")
+        if name == ref:
+            return oid
+    raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
+
+
+def check_git_dir(path: Path) -> None:
+    """A prepared git directory must exist and be a git directory (not a work tree)."""
+    if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
+        raise InvalidInput(f"{path} is not a git directory (expected HEAD and objects/ inside it)")
+
+
+@dataclass
+class Preparation:
+    settings: Settings
+    registry: Registry
+    repo: RepoState
+    job_id: str
+    credential_file: Path | None = None
+
+    def phase(self, phase: Phase) -> None:
+        record(
+            self.settings, self.registry, self.repo.name,
+            NewEvent(EventType.PHASE, {"phase": phase.value}, job_id=self.job_id, dedupe_key=f"{self.job_id}:{phase.value}"),
+            guard=current_attempt(self.repo.prepare_attempt),
+        )  # fmt: skip
+
+    def run(self) -> str:
+        """Run every phase; return the head commit now published as READY."""
+        repo = self.repo
+        git_dir = Path(repo.git_dir)
+        source_ref = repo.fetch_ref or repo.ref
+        self.phase(Phase.VALIDATE)
+        validate_remote(repo.remote_url, source_ref, self.credential_file)
+        if repo.prepared_gitdir:
+            check_git_dir(git_dir)
+            head = self._fetch(git_dir, source_ref)
+        elif (git_dir / "HEAD").is_file():
+            head = self._fetch(git_dir, source_ref)  # a retry or refresh: the clone is there
+        else:
+            self._discard_temporaries()
+            self.phase(Phase.CLONE)
+            head = clone_blobless(
+                repo.remote_url, repo.ref, git_dir, self.settings.tmp_root, credential_file=self.credential_file
+            ).head
+        self.phase(Phase.INDEX)
+        # An index of the commit's tree: read-tree needs only trees, which a blobless clone has.
+        run_git(["read-tree", head], git_dir=git_dir)
+        self.phase(Phase.PUBLISH)
+        record(
+            self.settings, self.registry, repo.name,
+            NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"),
+            guard=current_attempt(self.repo.prepare_attempt),
+        )  # fmt: skip
+        return head
+
+    def _fetch(self, git_dir: Path, source_ref: str) -> str:
+        repo = self.repo
+        self.phase(Phase.FETCH)
+        env = git_env(self.credential_file)
+        promisor = run_git(["config", "--get", "remote.origin.promisor"], git_dir=git_dir, env=env, check=False)
+        if promisor.stdout.strip() == b"true":
+            # Keep a partial clone partial: fetch through its promisor remote, without blobs.
+            args = ["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", "--filter=blob:none", "origin", source_ref]
+        else:
+            args = ["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", repo.remote_url, source_ref]
+        run_git(args, git_dir=git_dir, env=env)
+        head = run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
+        self.phase(Phase.UPDATE_BRANCH)
+        run_git(["update-ref", repo.ref, head], git_dir=git_dir)
+        if repo.ref.startswith("refs/heads/"):
+            run_git(["symbolic-ref", "HEAD", repo.ref], git_dir=git_dir)
+        else:
+            run_git(["update-ref", "--no-deref", "HEAD", head], git_dir=git_dir)
+        return head
+
+    def _discard_temporaries(self) -> None:
+        """Temporary clones of this repository left by a killed attempt (we hold its lock)."""
+        for path in glob.glob(str(self.settings.tmp_root / f"{glob.escape(Path(self.repo.git_dir).name)}.*")):
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,352 @@
+"""Asynchronous preparation with the real stack: a private redis-server, a Celery worker process,
+mountd and real FUSE mounts, against git remotes made slow or broken on purpose."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Artifactfs, wait_until
+from .gitremote import GitDaemon, SampleRepo, add_commit, git, make_sample_repo
+
+
+@pytest.fixture
+def stack(afs: Artifactfs) -> Iterator[Artifactfs]:
+    afs.up()
+    yield afs
+
+
+@pytest.fixture
+def slow(git_daemon: GitDaemon) -> tuple[GitDaemon, SampleRepo]:
+    sample = make_sample_repo(git_daemon.base, "slow")
+    return git_daemon, sample
+
+
+class Blocked:
+    """Run `action` in a thread and tell whether it is still blocked."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+        self.thread = threading.Thread(target=self._run, args=(action,), daemon=True)
+        self.thread.start()
+
+    def _run(self, action: Callable[[], object]) -> None:
+        try:
+            self.result = action()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+        self.finished_at = time.monotonic()
+
+    @property
+    def blocked(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float = 60.0) -> object:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "still blocked"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def add_async(afs: Artifactfs, name: str, remote: str, *extra: str) -> float:
+    started = time.monotonic()
+    out = afs.run("add-repo", "--async", "--name", name, "--remote", remote, *extra).stdout
+    assert out.strip() == f"queued {name}"
+    return time.monotonic() - started
+
+
+def event_types(afs: Artifactfs, name: str) -> list[str]:
+    return [e["type"] for e in json.loads(afs.run("events", "--name", name, "--json").stdout)]
+
+
+def test_async_add_returns_at_once_and_operations_wait_for_the_clone(
+    stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]
+) -> None:
+    afs = stack
+    daemon, sample = slow
+    daemon.set_delay(3.0)  # every pack starts 3 s late: the clone takes at least that long
+    add_async(afs, "slow", daemon.url("slow.git"))
+    assert afs.status("slow")["state"] == "preparing"  # returned while the clone is running
+    mnt = afs.wait_mounted("slow", timeout=10)
+    assert afs.status("slow")["state"] == "preparing"
+
+    # Root getattr and statfs never block: mount, df and shell prompts keep working.
+    os.stat(mnt)
+    os.statvfs(mnt)
+    waiting = {
+        "ls": Blocked(lambda: sorted(os.listdir(mnt))),
+        "stat": Blocked(lambda: os.stat(mnt / "README.md").st_size),
+        "cat": Blocked(lambda: (mnt / "src/app.py").read_bytes()),
+        "git status": Blocked(lambda: subprocess.run(["git", "-C", str(mnt), "status", "--porcelain"],
+                                                     capture_output=True, text=True, timeout=120)),
+        "create": Blocked(lambda: open(mnt / "new-file", "w")),
+    }  # fmt: skip
+    time.sleep(1.0)
+    assert afs.status("slow")["state"] == "preparing"
+    for name, op in waiting.items():
+        assert op.blocked, f"{name} did not wait for the repository"
+    afs.wait_state("slow", "mounted")
+    top = {p.split("/")[0] for p in [*sample.files, *sample.symlinks, *sample.gitlinks]}
+    assert waiting["ls"].join() == sorted(top | {".git"})
+    assert waiting["stat"].join() == len(sample.files["README.md"])
+    assert waiting["cat"].join() == sample.files["src/app.py"]
+    status = waiting["git status"].join()
+    assert status.returncode == 0, status.stderr  # type: ignore[attr-defined]
+    with pytest.raises(OSError) as info:
+        waiting["create"].join()
+    assert info.value.errno == errno.EROFS
+    types = event_types(afs, "slow")
+    assert types == ["registered", "phase", "phase", "phase", "phase", "ready"]
+
+
+def test_phases_show_in_status_and_events_while_preparing(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    afs = stack
+    daemon, _ = slow
+    daemon.set_delay(2.0)
+    add_async(afs, "phases", daemon.url("slow.git"))
+    afs.wait_phase("phases", "clone", timeout=20)
+    assert "phase=clone" in afs.run("status", "--name", "phases").stdout
+    assert "phase=validate" in afs.run("events", "--name", "phases").stdout
+    afs.wait_state("phases", "mounted")
+    phases = [e["payload"].get("phase") for e in json.loads(afs.run("events", "--name", "phases", "--json").stdout)]
+    assert [p for p in phases if p] == ["validate", "clone", "index", "publish"]
+
+
+def test_failed_preparation_gives_eio_until_prepare_recovers(stack: Artifactfs, tmp_path: Path, sample: SampleRepo) -> None:
+    afs = stack
+    remote = tmp_path / "later.git"  # nothing there yet: the remote is broken
+    add_async(afs, "later", f"file://{remote}")
+    row = afs.wait_state("later", "failed")
+    assert "later.git" in str(row["prepare_error"])
+    mnt = afs.wait_mounted("later")
+    for attempt in (lambda: os.listdir(mnt), lambda: os.stat(mnt / "README.md"), lambda: (mnt / "x").read_bytes()):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EIO
+    assert not (afs.root / "git" / "later.git").exists()
+
+    git("clone", "--bare", "-q", sample.bare, remote)  # repair the remote
+    git("--git-dir", remote, "config", "uploadpack.allowFilter", "true")
+    out = afs.run("prepare", "--name", "later").stdout
+    assert out.strip() == "queued later (attempt 2)"
+    afs.wait_state("later", "mounted")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+    types = event_types(afs, "later")
+    assert types.count("failed") == 1 and types.count("prepare_requested") == 1 and types[-1] == "ready"
+
+
+def test_prepare_resets_the_gate_while_a_new_attempt_runs(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    afs = stack
+    daemon, sample = slow
+    add_async(afs, "again", daemon.url("slow.git"))
+    mnt = afs.wait_mounted("again")
+    afs.wait_state("again", "mounted")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+    new_head = add_commit(sample, {"src/new.py": b"print('new')\n", "README.md": b"changed\n"}, "refresh")
+    daemon.set_delay(3.0)  # the new commit's pack comes late: the fetch takes that long
+    afs.run("prepare", "--name", "again")
+    afs.wait_phase("again", "fetch", timeout=20)
+    listing = Blocked(lambda: os.listdir(mnt / "src"))
+    time.sleep(0.8)
+    assert listing.blocked  # the gate is closed again while the new attempt runs
+    afs.wait_state("again", "mounted")
+    assert "new.py" in listing.join()  # type: ignore[operator]
+    assert afs.status("again")["head"] == new_head
+    assert (mnt / "README.md").read_bytes() == b"changed\n"  # no stale kernel cache of the old commit
+    assert git("-C", mnt, "rev-parse", "HEAD").stdout.decode().strip() == new_head
+
+
+def test_inline_credentials_are_refused_for_async(afs: Artifactfs) -> None:
+    line = afs.fail("add-repo", "--async", "--name", "secret", "--remote", "https://bob:hunter2@example.invalid/r.git")
+    assert "inline credentials are refused with --async" in line and "hunter2" not in line
+    assert afs.run("list-repos").stdout == ""
+    assert afs.run("events", "--name", "secret", check=False).returncode == 1
+
+
+def test_interrupting_a_blocked_ls_returns_at_once(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    afs = stack
+    daemon, _ = slow
+    daemon.set_delay(10.0)
+    add_async(afs, "intr", daemon.url("slow.git"))
+    mnt = afs.wait_mounted("intr")
+    ls = subprocess.Popen(["ls", str(mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    assert ls.poll() is None, "ls did not block"
+    sent = time.monotonic()
+    ls.send_signal(signal.SIGINT)
+    ls.wait(timeout=5)
+    assert time.monotonic() - sent < 1.0
+    assert ls.returncode != 0
+    assert afs.status("intr")["state"] == "preparing"  # nothing else was disturbed
+
+
+def worker_pool_children(afs: Artifactfs) -> list[int]:
+    main = afs.service_pid("worker")
+    out = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def process_running_git_clone_for(pids: list[int]) -> int:
+    for pid in pids:
+        out = subprocess.run(["pgrep", "-P", str(pid), "-f", "git clone"], capture_output=True, text=True).stdout
+        if out.strip():
+            return pid
+    raise AssertionError("no worker process is running git clone")
+
+
+def test_worker_killed_mid_clone_leaves_nothing_half_made_and_the_job_completes(
+    stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]
+) -> None:
+    afs = stack
+    daemon, sample = slow
+    daemon.set_delay(3.0)
+    add_async(afs, "killed", daemon.url("slow.git"))
+    afs.wait_phase("killed", "clone", timeout=20)
+    victim = wait_until(lambda: _try(lambda: process_running_git_clone_for(worker_pool_children(afs))), 10,
+                        what="the clone to start")  # fmt: skip
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.3)
+    assert not (afs.root / "git" / "killed.git").exists()  # no half-made git directory
+    daemon.set_delay(0)
+    afs.wait_state("killed", "mounted", timeout=90)  # redelivered, run again, completed
+    assert (afs.mount_path("killed") / "README.md").read_bytes() == sample.files["README.md"]
+    assert list((afs.root / "tmp").iterdir()) == []
+    assert event_types(afs, "killed").count("ready") == 1
+
+
+def _try(fn: Callable[[], int]) -> int | None:
+    try:
+        return fn()
+    except AssertionError:
+        return None
+
+
+def test_readiness_published_while_redis_is_down_still_opens_the_gate(
+    stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]
+) -> None:
+    afs = stack
+    daemon, sample = slow
+    daemon.set_delay(3.0)
+    add_async(afs, "outage", daemon.url("slow.git"))
+    mnt = afs.wait_mounted("outage")
+    afs.wait_phase("outage", "clone", timeout=20)
+    listing = Blocked(lambda: os.listdir(mnt))
+    afs.stop_service("redis", signal.SIGKILL)  # the job finishes while nobody can hear it
+    wait_until(lambda: afs.registry_state("outage") == "ready", 60, interval=0.1, what="the job to finish")
+    time.sleep(0.5)
+    afs.up()  # Redis back (with its persisted queue); mountd resubscribes and re-reads the log
+    listing.join(30)
+    afs.wait_state("outage", "mounted")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+    time.sleep(2)  # a redelivered job, if any, must find nothing to do
+    assert event_types(afs, "outage").count("ready") == 1
+
+
+def test_mountd_restarted_mid_prepare(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    afs = stack
+    daemon, sample = slow
+    daemon.set_delay(3.0)
+    add_async(afs, "restart", daemon.url("slow.git"))
+    afs.wait_mounted("restart")
+    afs.wait_phase("restart", "clone", timeout=20)
+    afs.stop_service("mountd")
+    afs.wait_unmounted("restart")
+    afs.up()  # mountd again: the placeholder comes back, still gated
+    mnt = afs.wait_mounted("restart")
+    listing = Blocked(lambda: os.listdir(mnt))
+    afs.wait_state("restart", "mounted", timeout=60)
+    assert "README.md" in listing.join()  # type: ignore[operator]
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+
+
+def test_failed_stays_failed_across_mountd_restart(stack: Artifactfs, tmp_path: Path) -> None:
+    afs = stack
+    add_async(afs, "broken", f"file://{tmp_path / 'missing.git'}")
+    afs.wait_state("broken", "failed")
+    afs.stop_service("mountd")
+    afs.wait_unmounted("broken")
+    afs.up()
+    mnt = afs.wait_mounted("broken")
+    time.sleep(0.5)
+    with pytest.raises(OSError) as info:
+        os.listdir(mnt)
+    assert info.value.errno == errno.EIO
+    assert afs.status("broken")["state"] == "failed"
+
+
+def test_prepared_gitdir_is_fetched_into_and_never_deleted(stack: Artifactfs, sample: SampleRepo, tmp_path: Path) -> None:
+    afs = stack
+    prepared = tmp_path / "prepared.git"  # made by someone else, e.g. an image build
+    git("clone", "--bare", "-q", "--filter=blob:none", sample.url, prepared)
+    add_async(afs, "prep", sample.url, "--prepared-gitdir", "--git-dir", str(prepared),
+              "--fetch-ref", "refs/heads/feature", "--ref", "refs/heads/sandbox")  # fmt: skip
+    afs.wait_state("prep", "mounted")
+    mnt = afs.mount_path("prep")
+    assert (mnt / "feature.txt").exists()
+    assert git("--git-dir", prepared, "rev-parse", "refs/heads/sandbox").stdout.decode().strip() == sample.branches["feature"]
+    assert afs.status("prep")["head"] == sample.branches["feature"]
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+    phases = [e["payload"].get("phase") for e in json.loads(afs.run("events", "--name", "prep", "--json").stdout)]
+    assert [p for p in phases if p] == ["validate", "fetch", "update_branch", "index", "publish"]
+    afs.run("remove-repo", "--name", "prep")
+    assert (prepared / "HEAD").exists()
+
+
+def test_a_duplicated_job_appends_nothing_twice(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    afs = stack
+    daemon, _ = slow
+    daemon.set_delay(1.0)
+    add_async(afs, "dup", daemon.url("slow.git"))
+    # Publish the same attempt's job again, as a redelivery would.
+    code = ("from artifactfs.config import load_settings; from artifactfs.registry import open_registry; "
+            "from artifactfs.jobs import publish_prepare; s = load_settings(); "
+            "print(publish_prepare(s, open_registry(s.database_url).require('dup')))")  # fmt: skip
+    out = subprocess.run([os.sys.executable, "-c", code], env=afs.env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "prepare:dup:1"
+    afs.wait_state("dup", "mounted")
+    time.sleep(3)  # let the duplicate run to its end
+    types = event_types(afs, "dup")
+    assert types == ["registered", "phase", "phase", "phase", "phase", "ready"]
+
+
+def test_flower_shows_every_prepare_job(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    afs = stack
+    daemon, _ = slow
+    add_async(afs, "seen", daemon.url("slow.git"))
+    afs.wait_state("seen", "mounted")
+
+    def job() -> dict | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{afs.flower_port}/api/tasks", timeout=5) as resp:
+            tasks = json.load(resp)
+        return next((t for t in tasks.values() if t.get("name") == "artifactfs.prepare" and t.get("state") == "SUCCESS"), None)
+
+    task = wait_until(job, 30, interval=0.5, what="flower to list the job")
+    assert task["uuid"] == "prepare:seen:1"
+    assert "'repo': 'seen'" in task["kwargs"] and "'host': 'test-" in task["kwargs"]
+    host = afs.env["ARTIFACTFS_HOST"]
+    assert task["worker"] == f"artifactfs@{host}" and task["routing_key"] == f"artifactfs.{host}"
+    assert task["runtime"] > 0 and task["started"] >= task["received"]
+    assert task["result"] == "'ready'"
+    assert "git://" not in json.dumps(task)  # no URL (let alone a credential) in a job
+
+
+def test_prepare_deadline_fails_an_attempt_that_never_ends(afs: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    daemon, _ = slow
+    daemon.set_delay(30.0)
+    afs.env["ARTIFACTFS_PREPARE_DEADLINE"] = "3"
+    afs.up()
+    add_async(afs, "late", daemon.url("slow.git"))
+    row = afs.wait_state("late", "failed", timeout=30)
+    assert "did not finish within 3s" in str(row["prepare_error"])

@@ -1,0 +1,45 @@
+"""The Celery application: one queue per host, jobs that survive a lost worker.
+
+Prepare jobs are at least once: acknowledged only when done (acks_late), put back when the process
+running them dies (reject_on_worker_lost), one at a time per worker process (prefetch 1), and
+bounded by soft and hard time limits that stay under the broker's visibility timeout, so a slow job
+is never handed to a second worker while the first still runs it. Workers send task events, so
+Flower shows every job with its state, worker and runtime.
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from artifactfs.config import Settings, load_settings
+
+
+def broker_url(redis_url: str) -> str:
+    """kombu spells a Redis Unix socket redis+socket:///path."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("artifactfs", broker=broker_url(settings.wakeup_url), include=["workers.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.job_soft_limit,
+        task_time_limit=settings.job_hard_limit,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue,
+        task_ignore_result=True,  # the event log, not a result backend, holds the outcome
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+app = make_app(load_settings())
