@@ -25,6 +25,7 @@ class Settings:
     job_hard_limit: float = 1700.0  # the broker's visibility timeout
     visibility_timeout: float = 1800.0
     job_retries: int = 5  # transient git failures retried with exponential backoff
+    placeholder_wait: float = 2.0  # how long add-repo --async waits for mountd's placeholder
 
     @property
     def git_root(self) -> Path:
@@ -104,4 +105,5 @@ def load_settings() -> Settings:
         job_hard_limit=float(os.environ.get("ARTIFACTFS_JOB_HARD_LIMIT") or 1700),
         visibility_timeout=float(os.environ.get("ARTIFACTFS_VISIBILITY_TIMEOUT") or 1800),
         job_retries=int(os.environ.get("ARTIFACTFS_JOB_RETRIES") or 5),
+        placeholder_wait=float(os.environ.get("ARTIFACTFS_PLACEHOLDER_WAIT") or 2.0),
     )

@@ -14,6 +14,7 @@ from .model import DisplayState, DuplicateRepo, EventType, InvalidInput, NewEven
 from .mounts import is_mounted, unmount
 from .prepare import Preparation, announce, check_git_dir, record
 from .registry import Registry
+from .stack import running_pid
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
 
 # How long remove-repo waits for mountd to take the mount down before doing it itself.
@@ -126,6 +127,20 @@ def add_repo_async(settings: Settings, registry: Registry, req: AddRequest) -> N
     with repo_lock(settings.lock_file(req.name)):
         register(settings, registry, req, asynchronous=True, job_id=None)
     announce(settings, req.name)
+    wait_for_placeholder(settings, req.mount_path)
+
+
+def wait_for_placeholder(settings: Settings, mount_path: Path) -> bool:
+    """With mountd running, return once it has mounted the gated placeholder (milliseconds, from
+    its warm spare), so a sandbox started right after `add-repo --async` finds the mount there."""
+    if running_pid(settings, "mountd") is None:
+        return False
+    deadline = time.monotonic() + settings.placeholder_wait
+    while time.monotonic() < deadline:
+        if is_mounted(mount_path):
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def request_prepare(settings: Settings, registry: Registry, name: str) -> int:

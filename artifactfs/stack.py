@@ -102,6 +102,11 @@ def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> 
         if pid is not None:
             yield f"{service.name}: already running (pid {pid})"
             continue
+        if service.name == "flower" and _port_open(flower_port):
+            raise StackError(
+                f"port {flower_port} on 127.0.0.1 is taken (another Flower?): "
+                "choose another with --flower-port or ARTIFACTFS_FLOWER_PORT"
+            )
         log_path = logs / f"{service.name}.log"
         log_path.unlink(missing_ok=True)
         with open(log_path, "ab") as log:

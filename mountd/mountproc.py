@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="artifactfs-mount")
     parser.add_argument("--log-level", default=os.environ.get("ARTIFACTFS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
+    print("ready", flush=True)  # imports done: mountd can count on this spare
     line = sys.stdin.buffer.readline()
     if not line:
         return 0  # mountd went away before it needed this spare
