@@ -357,3 +357,27 @@ def test_prepare_deadline_fails_an_attempt_that_never_ends(afs: Artifactfs, slow
     add_async(afs, "late", daemon.url("slow.git"))
     row = afs.wait_state("late", "failed", timeout=30)
     assert "did not finish within 3s" in str(row["prepare_error"])
+
+
+def test_transient_failures_are_retried_with_backoff(afs: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    daemon, sample = slow
+    afs.env["ARTIFACTFS_JOB_RETRIES"] = "3"
+    afs.up()
+    daemon.set_broken(True)  # packs fail mid-transfer: "the remote end hung up unexpectedly"
+    add_async(afs, "flaky", daemon.url("slow.git"))
+    wait_until(lambda: "transient failure, will retry" in afs.log("worker"), 30, interval=0.1, what="a retry")
+    daemon.set_broken(False)
+    afs.wait_state("flaky", "mounted", timeout=60)
+    assert (afs.mount_path("flaky") / "README.md").read_bytes() == sample.files["README.md"]
+    assert "failed" not in event_types(afs, "flaky")
+
+
+def test_transient_failures_give_up_after_the_retries(afs: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    daemon, _ = slow
+    afs.env["ARTIFACTFS_JOB_RETRIES"] = "1"
+    afs.up()
+    daemon.set_broken(True)
+    add_async(afs, "dead", daemon.url("slow.git"))
+    row = afs.wait_state("dead", "failed", timeout=60)
+    assert "hung up" in str(row["prepare_error"]) or "early EOF" in str(row["prepare_error"])
+    assert afs.log("worker").count("transient failure, will retry") == 1
