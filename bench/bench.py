@@ -1,0 +1,770 @@
+"""Benchmark: artifactfs against plain git on one remote, in one run.
+
+What it measures (each step ``--runs`` times in fresh temporary directories;
+the table shows median / min / max seconds):
+
+  a   ``git clone -q`` (full clone with checkout)
+  b   ``git clone --filter=blob:none --no-checkout`` (blobless)
+  c   ``git clone --filter=blob:none`` (blobless, then checkout: a working tree)
+  d   ``artifactfs add-repo`` (fresh ARTIFACTFS_ROOT every run)
+  e1  ``artifactfs daemon`` start until the mount shows in /proc/self/mountinfo
+  e2  then the first ``os.listdir`` of the mount root
+  e3  then ``cat README*`` (every README* of the root read to the end)
+  e4  SIGTERM to the daemon until it has exited and unmounted (reference)
+  f   every regular file read cold through the mount (scandir walk, one thread);
+      fetch transactions from the mount's fetch-stats.json and, for the
+      synthetic remote, the packs the git daemon served; the note gives the
+      part of the time the mount spent inside those fetches
+  f2  the same walk again on the now hydrated mount (FUSE cost alone)
+  f*  the --lazy-sample files of (g) read cold by path through a fresh mount
+      (no directory listed first), to compare like with like with (g)
+  g   git's own lazy fetch: ``git cat-file blob <oid>`` of the sample files,
+      one at a time, in a fresh blobless --no-checkout clone (one fetch each);
+      g~ extrapolates its per-file time to all files (labelled as such)
+      (f* and g run in the first --lazy-runs runs only, default 1: each is
+      already --lazy-sample sequential fetches, and they dominate the runtime)
+  h   every file of the full clone of (a) read from the native checkout
+      (page cache warm: it was just written), for reference
+
+Without --remote a synthetic repository (--files files of ~400 bytes in --dirs
+directories plus README.md) is built and served by ``git daemon`` on
+127.0.0.1, so every step goes over a real loopback git protocol and the
+daemon's pack-objects hook counts server-side fetch transactions.
+
+Run from the repository root:
+
+    .venv/bin/python bench/bench.py                       # synthetic, 5 runs
+    .venv/bin/python bench/bench.py --runs 1 --files 500  # quick
+    .venv/bin/python bench/bench.py --remote https://github.com/git/git --json out.json
+    make bench REPO=https://... BENCH_ARGS="--runs 3"
+
+Everything it creates lives under one temporary directory that is removed at
+the end (mounts are taken down first), also on error, Ctrl-C or SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from artifactfs.mounts import fuse_mounts  # noqa: E402
+from tests.gitremote import GitDaemon, git_env, make_many_files_repo  # noqa: E402
+
+REPO_NAME = "bench"
+FILE_MODES = {"100644", "100755"}
+MOUNT_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+GC_WAIT = 60.0
+
+
+# --------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """One row of the table: a step and its samples, one per run."""
+
+    key: str
+    label: str
+    files: int | None = None
+    seconds: list[float] = field(default_factory=list)
+    transactions: list[int] = field(default_factory=list)  # client-side fetch transactions
+    packs: list[int] = field(default_factory=list)  # packs served by the git daemon
+    blobs: list[int] = field(default_factory=list)  # blobs fetched
+    fetch_seconds: list[float] = field(default_factory=list)  # time the mount spent fetching
+    extrapolated: bool = False
+    note: str = ""
+
+    def add(self, seconds: float, *, transactions: int | None = None, packs: int | None = None,
+            blobs: int | None = None, fetch_seconds: float | None = None) -> None:
+        self.seconds.append(seconds)
+        if fetch_seconds is not None:
+            self.fetch_seconds.append(fetch_seconds)
+        if transactions is not None:
+            self.transactions.append(transactions)
+        if packs is not None:
+            self.packs.append(packs)
+        if blobs is not None:
+            self.blobs.append(blobs)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    def per_file_ms(self) -> float | None:
+        if not self.files or self.median is None:
+            return None
+        return self.median / self.files * 1000
+
+    def summary(self) -> dict[str, object]:
+        data = asdict(self)
+        data.update(median=self.median, min=min(self.seconds, default=None),
+                    max=max(self.seconds, default=None), per_file_ms=self.per_file_ms())
+        return data
+
+
+@dataclass
+class Results:
+    rows: dict[str, Measurement] = field(default_factory=dict)
+
+    def row(self, key: str, label: str, files: int | None = None, note: str = "") -> Measurement:
+        if key not in self.rows:
+            self.rows[key] = Measurement(key, label, files, note=note)
+        return self.rows[key]
+
+
+# --------------------------------------------------------------------------
+# clean-up: every process and directory we make is registered here
+# --------------------------------------------------------------------------
+
+
+class Janitor:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.daemons: list[subprocess.Popen[bytes]] = []
+        self.git_daemon: GitDaemon | None = None
+
+    def close(self) -> None:
+        for proc in list(self.daemons):
+            stop_process(proc)
+        self.daemons.clear()
+        unmount_under(self.base)
+        if self.git_daemon is not None:
+            self.git_daemon.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait; SIGKILL the whole session (started with its own) if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def unmount_under(base: Path) -> None:
+    for path in fuse_mounts():
+        if path == str(base) or path.startswith(str(base) + os.sep):
+            subprocess.run(["fusermount3", "-u", "-q", path], capture_output=True, check=False)
+            if path in fuse_mounts():
+                subprocess.run(["fusermount3", "-u", "-z", "-q", path], capture_output=True, check=False)
+
+
+def raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], env: dict[str, str], cwd: Path | None = None,
+        timeout: float = 3600) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.run([os.fspath(c) for c in cmd], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err}")
+    return proc
+
+
+def timed(cmd: Sequence[str | os.PathLike[str]], env: dict[str, str], cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    run(cmd, env, cwd)
+    return time.perf_counter() - start
+
+
+def iter_files(root: Path) -> Iterator[str]:
+    """Regular files under root, depth first in name order, without stat calls (d_type only).
+    Symlinks are skipped, and so is a top-level .git."""
+    stack = [os.fspath(root)]
+    top = stack[0]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for entry in entries:
+            if directory == top and entry.name == ".git":
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                yield entry.path
+        stack.extend(reversed(subdirs))
+
+
+def read_file(path: str) -> int:
+    with open(path, "rb") as fh:
+        return len(fh.read())
+
+
+def read_all(root: Path) -> tuple[float, int]:
+    """Walk and read every file (reads interleaved with listing, like os.walk + open)."""
+    start = time.perf_counter()
+    count = 0
+    for path in iter_files(root):
+        read_file(path)
+        count += 1
+    return time.perf_counter() - start, count
+
+
+def tree_files(git_dir: Path, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(path, blob oid) of every regular file of HEAD, in git's order; trees only, no blobs needed."""
+    out = run(["git", f"--git-dir={git_dir}", "ls-tree", "-r", "-z", "HEAD"], env).stdout
+    files = []
+    for record in out.split(b"\0"):
+        if not record:
+            continue
+        meta, path = record.split(b"\t", 1)
+        mode, kind, oid = meta.decode().split()
+        if kind == "blob" and mode in FILE_MODES:
+            files.append((os.fsdecode(path), oid))
+    return files
+
+
+def wait_for_auto_gc(git_dir: Path) -> None:
+    """git's lazy fetches may start `git gc --auto` in the background; let it finish before the
+    clone is deleted, so that nothing of ours outlives the benchmark."""
+    deadline = time.monotonic() + GC_WAIT
+    while (git_dir / "gc.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def even_sample(items: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def lazy_fetches(trace_file: Path) -> int:
+    """Lazy fetches git started, from a GIT_TRACE2_EVENT log: `git fetch ... --stdin` children."""
+    if not trace_file.exists():
+        return 0
+    count = 0
+    for line in trace_file.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        argv = event.get("argv") or []
+        if event.get("event") == "child_start" and "fetch" in argv and "--stdin" in argv:
+            count += 1
+    return count
+
+
+def short_ref(ref: str) -> str:
+    for prefix in ("refs/heads/", "refs/tags/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix):]
+    return ref
+
+
+def command_output(cmd: Sequence[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------
+# the remote
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Remote:
+    url: str
+    ref: str
+    default_head: str | None
+    description: str
+    git_env: dict[str, str]
+    daemon: GitDaemon | None = None
+
+    def packs(self) -> int | None:
+        return self.daemon.fetch_count() if self.daemon is not None else None
+
+    def clone_args(self) -> list[str]:
+        """--branch only when the ref is not what the remote's HEAD gives anyway."""
+        return [] if self.ref == self.default_head else ["--branch", short_ref(self.ref)]
+
+
+def remote_head(url: str, env: dict[str, str]) -> str | None:
+    out = run(["git", "ls-remote", "--symref", url, "HEAD"], env, timeout=120).stdout.decode()
+    for line in out.splitlines():
+        if line.startswith("ref:") and line.endswith("\tHEAD"):
+            return line[4:].split("\t", 1)[0].strip()
+    return None
+
+
+def external_remote(url: str, ref: str | None) -> Remote:
+    env = git_env(isolate=False)
+    head = remote_head(url, env)
+    ref = ref or head or "refs/heads/main"
+    if not run(["git", "ls-remote", url, ref], env, timeout=120).stdout.strip():
+        raise SystemExit(f"bench: {ref} does not exist on {url}")
+    return Remote(url, ref, head, url, env)
+
+
+def synthetic_remote(base: Path, files: int, dirs: int, janitor: Janitor) -> Remote:
+    served = base / "served"
+    served.mkdir()
+    make_many_files_repo(served, REPO_NAME, files=files, dirs=dirs, file_size=400)
+    daemon = GitDaemon(served, state_dir=base / "gitdaemon")
+    janitor.git_daemon = daemon
+    daemon.start()
+    desc = (f"synthetic: {files} files of 400 B in {dirs} dirs + README.md, "
+            f"git daemon {daemon.url(REPO_NAME + '.git')}")
+    return Remote(daemon.url(REPO_NAME + ".git"), "refs/heads/main", "refs/heads/main", desc, git_env(),
+                  daemon)
+
+
+# --------------------------------------------------------------------------
+# artifactfs installations
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Installation:
+    root: Path
+    mount_root: Path
+    env: dict[str, str]
+    janitor: Janitor
+    daemon: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def create(cls, base: Path, remote: Remote, janitor: Janitor) -> "Installation":
+        env = dict(remote.git_env)
+        for key in ("ARTIFACTFS_DATABASE_URL", "ARTIFACTFS_REDIS_URL"):
+            env.pop(key, None)
+        env.update(ARTIFACTFS_ROOT=str(base / "afs"), ARTIFACTFS_MOUNT_ROOT=str(base / "mnt"),
+                   ARTIFACTFS_LOG_LEVEL="INFO", PYTHONPATH=str(REPO_ROOT))
+        return cls(base / "afs", base / "mnt", env, janitor)
+
+    @property
+    def mount_path(self) -> Path:
+        return self.mount_root / REPO_NAME
+
+    @property
+    def log_file(self) -> Path:
+        return self.root.parent / "mountd.log"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return run([sys.executable, "-m", "artifactfs.cli", *args], self.env, cwd=REPO_ROOT)
+
+    def add_repo(self, remote: Remote) -> float:
+        start = time.perf_counter()
+        out = self.cli("add-repo", "--name", REPO_NAME, "--remote", remote.url, "--ref", remote.ref)
+        elapsed = time.perf_counter() - start
+        if out.stdout.decode().strip() != f"added {REPO_NAME}":
+            raise RuntimeError(f"unexpected add-repo output: {out.stdout!r}")
+        return elapsed
+
+    def start_daemon(self) -> float:
+        """Start mountd; return the seconds until the mount is visible."""
+        start = time.perf_counter()
+        with open(self.log_file, "ab") as log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "artifactfs.cli", "--log-level", "INFO", "daemon"], env=self.env,
+                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.janitor.daemons.append(self.daemon)
+        target = str(self.mount_path)
+        deadline = start + MOUNT_TIMEOUT
+        while target not in fuse_mounts():
+            if self.daemon.poll() is not None:
+                raise RuntimeError(f"mountd exited with {self.daemon.returncode}:\n{self.log_tail()}")
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{target} not mounted after {MOUNT_TIMEOUT}s:\n{self.log_tail()}")
+            time.sleep(0.002)
+        return time.perf_counter() - start
+
+    def stop_daemon(self) -> float:
+        """SIGTERM mountd; return the seconds until it exited and the mount is gone."""
+        assert self.daemon is not None
+        start = time.perf_counter()
+        stop_process(self.daemon)
+        elapsed = time.perf_counter() - start
+        self.janitor.daemons.remove(self.daemon)
+        self.daemon = None
+        if str(self.mount_path) in fuse_mounts():
+            unmount_under(self.mount_root)
+            raise RuntimeError(f"mountd left {self.mount_path} mounted:\n{self.log_tail()}")
+        return elapsed
+
+    def fetch_stats(self) -> dict[str, float]:
+        path = self.root / "state" / REPO_NAME / "fetch-stats.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {"transactions": 0, "objects": 0, "seconds": 0.0}
+
+    def status(self) -> dict[str, object]:
+        return json.loads(self.cli("status", "--name", REPO_NAME, "--json").stdout)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class Counters:
+    """Fetch counters sampled before a step, to report the step's own share."""
+
+    transactions: int
+    objects: int
+    seconds: float
+    packs: int | None
+
+    @classmethod
+    def take(cls, inst: Installation | None, remote: Remote) -> "Counters":
+        stats = inst.fetch_stats() if inst is not None else {}
+        return cls(int(stats.get("transactions", 0)), int(stats.get("objects", 0)),
+                   float(stats.get("seconds", 0.0)), remote.packs())
+
+    def since(self, inst: Installation | None, remote: Remote) -> "Counters":
+        now = Counters.take(inst, remote)
+        packs = None if self.packs is None or now.packs is None else now.packs - self.packs
+        return Counters(now.transactions - self.transactions, now.objects - self.objects,
+                        now.seconds - self.seconds, packs)
+
+
+# --------------------------------------------------------------------------
+# the steps
+# --------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, remote: Remote, base: Path, janitor: Janitor) -> None:
+        self.args = args
+        self.remote = remote
+        self.base = base
+        self.janitor = janitor
+        self.results = Results()
+        self.files: list[tuple[str, str]] = []
+        self.sample: list[tuple[str, str]] = []
+        self.extras: list[dict[str, object]] = []
+
+    def clone(self, dest: Path, *flags: str) -> tuple[float, int | None]:
+        before = self.remote.packs()
+        seconds = timed(["git", "clone", "-q", *flags, *self.remote.clone_args(), "--", self.remote.url, dest],
+                        self.remote.git_env)
+        after = self.remote.packs()
+        return seconds, None if before is None or after is None else after - before
+
+    def run_once(self, index: int) -> None:
+        work = self.base / f"run-{index}"
+        work.mkdir()
+        try:
+            lazy = index < self.args.lazy_runs
+            self.git_steps(work, lazy)
+            self.mount_steps(work / "mounted")
+            if lazy and len(self.sample) < len(self.files):
+                self.mount_sample_step(work / "sampled")
+        finally:
+            unmount_under(work)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def git_steps(self, work: Path, lazy: bool) -> None:
+        r = self.results
+        full = work / "full"
+        seconds, packs = self.clone(full)
+        r.row("a", "git clone (full)").add(seconds, packs=packs)
+        seconds, count = read_all(full)
+        r.row("h", "read all files, native checkout of (a)", count,
+              note="page cache warm").add(seconds)
+        shutil.rmtree(full)
+
+        blobless = work / "blobless"
+        seconds, packs = self.clone(blobless, "--filter=blob:none", "--no-checkout")
+        r.row("b", "git clone --filter=blob:none --no-checkout").add(seconds, packs=packs)
+        if not self.files:
+            self.choose_files(blobless / ".git")
+
+        checkout = work / "checkout"
+        seconds, packs = self.clone(checkout, "--filter=blob:none")
+        r.row("c", "git clone --filter=blob:none (+ checkout)").add(seconds, packs=packs)
+        shutil.rmtree(checkout)
+
+        if lazy:
+            self.git_lazy_step(blobless)
+            wait_for_auto_gc(blobless / ".git")
+        shutil.rmtree(blobless)
+
+    def choose_files(self, git_dir: Path) -> None:
+        self.files = tree_files(git_dir, self.remote.git_env)
+        if not self.files:
+            raise SystemExit("bench: the tree has no regular files")
+        self.sample = even_sample(self.files, self.args.lazy_sample)
+
+    def git_lazy_step(self, clone: Path) -> None:
+        trace = clone.parent / "trace2.json"
+        env = dict(self.remote.git_env, GIT_TRACE2_EVENT=str(trace))
+        before = self.remote.packs()
+        start = time.perf_counter()
+        for _path, oid in self.sample:
+            run(["git", "-C", clone, "cat-file", "blob", oid], env)
+        seconds = time.perf_counter() - start
+        after = self.remote.packs()
+        packs = None if before is None or after is None else after - before
+        n = len(self.sample)
+        label = "git lazy fetch: cat-file per file, blobless clone"
+        if n < len(self.files):
+            label += f" ({n}-file sample)"
+        r = self.results
+        r.row("g", label, n).add(seconds, transactions=lazy_fetches(trace), packs=packs,
+                                 blobs=len({oid for _, oid in self.sample}))
+        if n < len(self.files):
+            r.row("g~", f"  (g) EXTRAPOLATED to all {len(self.files)} files", len(self.files),
+                  note="per-file time of (g) x all files").add(seconds / n * len(self.files))
+            r.rows["g~"].extrapolated = True
+
+    def mount_steps(self, work: Path) -> None:
+        r = self.results
+        inst = Installation.create(work, self.remote, self.janitor)
+        before = Counters.take(None, self.remote)
+        seconds = inst.add_repo(self.remote)
+        r.row("d", "artifactfs add-repo").add(seconds, packs=before.since(None, self.remote).packs)
+        try:
+            r.row("e1", "artifactfs daemon start -> mount visible").add(inst.start_daemon())
+
+            start = time.perf_counter()
+            names = os.listdir(inst.mount_path)
+            r.row("e2", "  then first ls of the mount root").add(time.perf_counter() - start)
+
+            readmes = sorted(n for n in names if n.startswith("README"))
+            counters = Counters.take(inst, self.remote)
+            start = time.perf_counter()
+            for name in readmes:
+                path = inst.mount_path / name
+                if path.is_file():
+                    read_file(os.fspath(path))
+            seconds = time.perf_counter() - start
+            delta = counters.since(inst, self.remote)
+            if readmes:
+                r.row("e3", "  then cat README*", len(readmes)).add(
+                    seconds, transactions=delta.transactions, packs=delta.packs, blobs=delta.objects)
+
+            counters = Counters.take(inst, self.remote)
+            seconds, count = read_all(inst.mount_path)
+            delta = counters.since(inst, self.remote)
+            r.row("f", "read all files cold through the mount", count).add(
+                seconds, transactions=delta.transactions, packs=delta.packs, blobs=delta.objects,
+                fetch_seconds=delta.seconds)
+
+            counters = Counters.take(inst, self.remote)
+            seconds, count = read_all(inst.mount_path)
+            delta = counters.since(inst, self.remote)
+            r.row("f2", "  then read all files again (hydrated mount)", count).add(
+                seconds, transactions=delta.transactions, packs=delta.packs, blobs=delta.objects)
+            self.extras.append({"step": "f", "status": inst.status()})
+        finally:
+            if inst.daemon is not None:
+                r.row("e4", "artifactfs daemon stop (SIGTERM -> unmounted)").add(inst.stop_daemon())
+
+    def mount_sample_step(self, work: Path) -> None:
+        inst = Installation.create(work, self.remote, self.janitor)
+        inst.add_repo(self.remote)
+        try:
+            inst.start_daemon()
+            paths = [os.fspath(inst.mount_path / path) for path, _ in self.sample]
+            counters = Counters.take(inst, self.remote)
+            start = time.perf_counter()
+            for path in paths:
+                read_file(path)
+            seconds = time.perf_counter() - start
+            delta = counters.since(inst, self.remote)
+            self.results.row(
+                "f*", "read (g)'s sample cold by path, fresh mount", len(paths),
+                note="no directory listed first",
+            ).add(seconds, transactions=delta.transactions, packs=delta.packs, blobs=delta.objects,
+                  fetch_seconds=delta.seconds)
+        finally:
+            if inst.daemon is not None:
+                inst.stop_daemon()
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+
+ORDER = ["a", "b", "c", "d", "e1", "e2", "e3", "e4", "f", "f2", "f*", "g", "g~", "h"]
+
+
+def machine_facts(remote: Remote, files: int, args: argparse.Namespace, date: str) -> dict[str, object]:
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count() or 0
+    return {
+        "nproc": nproc,
+        "git": command_output(["git", "--version"]).removeprefix("git version "),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "date": date,
+        "remote": remote.description,
+        "ref": remote.ref,
+        "files": files,
+        "runs": args.runs,
+        "lazy_sample": args.lazy_sample,
+        "lazy_runs": min(args.lazy_runs, args.runs),
+        "tmp": tempfile.gettempdir(),
+    }
+
+
+def fmt_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def fmt_counts(values: list[int]) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    med = statistics.median(values)
+    text = f"{med:g}"
+    return text if low == high else f"{text} ({low}-{high})"
+
+
+def render(results: Results, facts: dict[str, object]) -> str:
+    rows = [results.rows[k] for k in ORDER if k in results.rows]
+    label_w = max(len(f"{m.key:<3} {m.label}") for m in rows)
+    header = (f"{'step':<{label_w}}  {'runs':>4} {'median s':>9} {'min s':>9} {'max s':>9} {'files':>6} "
+              f"{'ms/file':>8} {'fetch txns':>11} {'server packs':>13} {'blobs fetched':>14}  note")
+    lines = [
+        (f"machine: nproc={facts['nproc']} git={facts['git']} python={facts['python']} "
+         f"kernel={facts['kernel']} date={facts['date']}"),
+        (f"remote: {facts['remote']} ref={facts['ref']} files={facts['files']} "
+         f"runs={facts['runs']} lazy-sample={facts['lazy_sample']} lazy-runs={facts['lazy_runs']} "
+         f"tmp={facts['tmp']}"),
+        "",
+        header,
+        "-" * len(header),
+    ]
+    for m in rows:
+        per_file = m.per_file_ms()
+        notes = ["EXTRAPOLATED"] if m.extrapolated else []
+        if m.fetch_seconds:
+            notes.append(f"{statistics.median(m.fetch_seconds):.2f}s of it in fetches")
+        if m.note:
+            notes.append(m.note)
+        note = ", ".join(notes)
+        lines.append(
+            f"{f'{m.key:<3} {m.label}':<{label_w}}  {len(m.seconds):>4} {fmt_seconds(m.median):>9} "
+            f"{fmt_seconds(min(m.seconds, default=None)):>9} {fmt_seconds(max(m.seconds, default=None)):>9} "
+            f"{'' if m.files is None else m.files:>6} {'' if per_file is None else f'{per_file:.3f}':>8} "
+            f"{fmt_counts(m.transactions):>11} {fmt_counts(m.packs):>13} {fmt_counts(m.blobs):>14}  {note}".rstrip()
+        )
+    lines += [
+        "",
+        "fetch txns: client side (the mount's fetch-stats.json; git's lazy fetches from GIT_TRACE2_EVENT).",
+        "server packs: packs the synthetic git daemon served (one per fetch transaction).",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark artifactfs against plain git clones and lazy fetches.")
+    p.add_argument("--remote", help="remote URL (default: a synthetic repository served by git daemon)")
+    p.add_argument("--ref", help="ref to check out/mount (default: the remote's HEAD, else refs/heads/main)")
+    p.add_argument("--runs", type=int, default=5, help="repetitions of every step (default: 5)")
+    p.add_argument("--files", type=int, default=5000, help="files of the synthetic repository (default: 5000)")
+    p.add_argument("--dirs", type=int, default=50, help="directories of the synthetic repository (default: 50)")
+    p.add_argument("--lazy-sample", type=int, default=500,
+                   help="files read one by one in (g) and (f*) (default: 500; the rest is extrapolated)")
+    p.add_argument("--lazy-runs", type=int, default=1,
+                   help="runs that include the sampled steps (g) and (f*) (default: 1)")
+    p.add_argument("--json", type=Path, help="also write the raw numbers to this file")
+    args = p.parse_args(argv)
+    if min(args.runs, args.dirs, args.lazy_sample, args.lazy_runs) < 1 or args.files < 0:
+        p.error("--runs, --dirs, --lazy-sample and --lazy-runs must be >= 1, --files >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
+    base = Path(tempfile.mkdtemp(prefix="artifactfs-bench-")).resolve()
+    janitor = Janitor(base)
+    started = time.perf_counter()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        if args.remote:
+            remote = external_remote(args.remote, args.ref)
+        else:
+            if args.ref:
+                print("bench: --ref is ignored for the synthetic remote (refs/heads/main)", file=sys.stderr)
+            remote = synthetic_remote(base, args.files, args.dirs, janitor)
+        bench = Bench(args, remote, base, janitor)
+        for index in range(args.runs):
+            bench.run_once(index)
+            print(f"bench: run {index + 1}/{args.runs} done ({time.perf_counter() - started:.0f}s)",
+                  file=sys.stderr, flush=True)
+        facts = machine_facts(remote, len(bench.files), args, date)
+        check_counts(bench)
+        print(render(bench.results, facts))
+        if args.json:
+            write_json(args.json, facts, bench)
+    except KeyboardInterrupt:
+        print("bench: interrupted, cleaning up", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        janitor.close()
+    return 0
+
+
+def check_counts(bench: Bench) -> None:
+    """Every reading step must have seen the same files; say so loudly if not."""
+    expected = len(bench.files)
+    for key in ("f", "h"):
+        row = bench.results.rows.get(key)
+        if row is not None and row.files != expected:
+            print(f"bench: WARNING: step {key} read {row.files} files, the tree has {expected}", file=sys.stderr)
+
+
+def write_json(path: Path, facts: dict[str, object], bench: Bench) -> None:
+    data = {
+        "machine": facts,
+        "measurements": [bench.results.rows[k].summary() for k in ORDER if k in bench.results.rows],
+        "extras": bench.extras,
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
