@@ -140,9 +140,14 @@ class TreeFS(pyfuse3.Operations):
         self.hydrator = hydrator
         return stale
 
-    def is_present(self, oid: str) -> bool:
+    def exists(self, oid: str) -> bool:
+        """Whether the object store holds `oid` (ask the hydrator: it caches the answer)."""
         assert self.snapshot is not None
         return self.snapshot.repo.odb.exists(oid)
+
+    def is_present(self, oid: str) -> bool:
+        assert self.hydrator is not None
+        return self.hydrator.is_present(oid)
 
     # --- helpers ---
 

@@ -43,7 +43,7 @@ class Hydrator:
     def __init__(
         self,
         git_dir: Path,
-        is_present: Callable[[str], bool],
+        exists: Callable[[str], bool],
         *,
         window: float = 0.003,
         max_batch: int = 20000,
@@ -51,7 +51,13 @@ class Hydrator:
         on_batch: Callable[[FetchStats], None] | None = None,
     ) -> None:
         self.git_dir = git_dir
-        self.is_present = is_present
+        self._exists = exists
+        # What the object store is known to hold. A lookup that misses makes libgit2 rescan the
+        # pack directory, which grows by one pack per batch: ask it again about an object only
+        # after a batch may have brought it.
+        self._present: set[str] = set()
+        self._absent: dict[str, int] = {}  # oid -> batch generation in which it was missing
+        self._generation = 0
         self.window = window
         self.max_batch = max_batch
         self.env = credential_env if credential_env is not None else git_env()
@@ -60,6 +66,18 @@ class Hydrator:
         self._queued: dict[str, _Pending] = {}  # waiting for the next batch
         self._in_flight: dict[str, _Pending] = {}  # in the batch being fetched now
         self._wakeup = trio.Event()
+
+    def is_present(self, oid: str) -> bool:
+        if oid in self._present:
+            return True
+        if self._absent.get(oid) == self._generation:
+            return False
+        if self._exists(oid):
+            self._present.add(oid)
+            self._absent.pop(oid, None)
+            return True
+        self._absent[oid] = self._generation
+        return False
 
     async def run(self) -> None:
         """The batch loop: runs for the life of the mount."""
@@ -109,6 +127,7 @@ class Hydrator:
         except OSError as exc:
             error = f"could not run git: {exc}"
         elapsed = time.monotonic() - started
+        self._generation += 1  # what was missing may be here now
         self.stats.transactions += 1
         self.stats.objects += len(batch)
         self.stats.seconds += elapsed

@@ -92,11 +92,13 @@ class MountProcess:
     def _show(self, git_dir: Path, head: str) -> None:
         if self.shown == (str(git_dir), head):
             return
-        # Credentials, if the repository has any, come from its git config (a store helper).
-        hydrator = Hydrator(git_dir, self.fs.is_present, credential_env=git_env(), on_batch=self._write_stats)
+        hydrator = self.fs.hydrator
+        if hydrator is None or hydrator.git_dir != git_dir:
+            # Credentials, if the repository has any, come from its git config (a store helper).
+            hydrator = Hydrator(git_dir, self.fs.exists, credential_env=git_env(), on_batch=self._write_stats)
+            assert self.nursery is not None
+            self.nursery.start_soon(hydrator.run)
         stale = self.fs.show(git_dir, head, hydrator)
-        assert self.nursery is not None
-        self.nursery.start_soon(hydrator.run)
         if self.shown is not None:
             # A new commit: make the kernel forget the names it cached from the old one.
             for parent, name in stale:
