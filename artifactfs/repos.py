@@ -14,8 +14,8 @@ from .model import DisplayState, DuplicateRepo, EventType, InvalidInput, NewEven
 from .mounts import is_mounted, unmount
 from .prepare import Preparation, announce, check_git_dir, record
 from .registry import Registry
-from .stack import running_pid
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
+from .stack import running_pid
 
 # How long remove-repo waits for mountd to take the mount down before doing it itself.
 UNMOUNT_GRACE_SECONDS = 10.0

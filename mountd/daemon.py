@@ -24,14 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifactfs.config import Settings
-from artifactfs.model import EventType, NewEvent, PrepareState, StaleAttempt
 from artifactfs.jobs import publish_prepare
-from artifactfs.model import utcnow
-from artifactfs.prepare import current_attempt, record
-from artifactfs.wakeup import CHANNEL
+from artifactfs.model import EventType, NewEvent, PrepareState, RepoState, StaleAttempt, utcnow
 from artifactfs.mounts import is_mounted, is_stale, unmount
-from artifactfs.model import RepoState
+from artifactfs.prepare import current_attempt, record
 from artifactfs.registry import Registry
+from artifactfs.wakeup import CHANNEL
 
 log = logging.getLogger("artifactfs.mountd")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-from pathlib import Path
 
 import pytest
 

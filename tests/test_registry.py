@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs.model import ConcurrencyConflict, DuplicateRepo, EventRecord, EventType, NewEvent, PrepareState, RepoState
+from artifactfs.model import (
+    ConcurrencyConflict,
+    DuplicateRepo,
+    EventRecord,
+    EventType,
+    NewEvent,
+    PrepareState,
+    RepoState,
+)
 from artifactfs.registry import Registry, open_registry
 from artifactfs.tables import EventRow, RepoRow
-
 
 DRIVERS = ["sqlite", "sqlalchemy"]
 
@@ -49,7 +56,8 @@ def _writer(url: str, driver: str, worker: int, count: int) -> None:
     for i in range(count):
         # Half the appends go to one shared stream, half to the writer's own.
         stream = "shared" if i % 2 == 0 else f"own-{worker}"
-        registry.append(stream, lambda _repo: [NewEvent(EventType.PHASE, {"phase": "clone", "writer": worker, "i": i})])
+        event = NewEvent(EventType.PHASE, {"phase": "clone", "writer": worker, "i": i})
+        registry.append(stream, lambda _repo, event=event: [event])
     registry.close()
 
 
