@@ -10,7 +10,17 @@ from pathlib import Path
 from .config import Settings
 from .gitstore import hydration_stats, store_credentials
 from .locks import repo_lock
-from .model import DisplayState, DuplicateRepo, EventType, InvalidInput, NewEvent, PrepareState, RepoState, UnknownRepo
+from .model import (
+    DisplayState,
+    DuplicateRepo,
+    EventType,
+    InvalidInput,
+    NewEvent,
+    PrepareState,
+    RepoState,
+    StaleAttempt,
+    UnknownRepo,
+)
 from .mounts import is_mounted, unmount
 from .prepare import Preparation, announce, check_git_dir, record
 from .registry import Registry
@@ -108,6 +118,8 @@ def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoSta
             if credential_file is not None:
                 store_credentials(req.remote, credential_file)
             Preparation(settings, registry, registry.require(req.name), job_id, credential_file).run()
+        except StaleAttempt:
+            raise  # `prepare` handed it to a worker meanwhile: the registration is the worker's now
         except BaseException as exc:
             _discard_leftovers(settings, req.name)
             error = redact(str(exc)) or type(exc).__name__

@@ -4,12 +4,13 @@
 set -euo pipefail
 venv=${1:-.venv}
 
-apt_packages=(fuse3 libfuse3-dev pkg-config git redis-server python3-venv gcc python3-dev)
+# postgresql: the tests run the fleet registry against a real, throwaway PostgreSQL server.
+apt_packages=(fuse3 libfuse3-dev pkg-config git redis-server postgresql python3-venv gcc python3-dev)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-# python3-venv/python3-dev are only needed when the interpreter is Debian's own.
+# python3-venv and python3-dev are what Debian's own interpreter needs to build pyfuse3 in a venv.
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: missing Debian packages: ${missing[*]} (run as root, or install them with apt-get)" >&2

@@ -1,9 +1,11 @@
-"""The registry against a real SQLite file, through both drivers: concurrent writers, rebuilds,
-idempotent appends, and one driver reading what the other wrote."""
+"""The registry through each driver, against real databases (a SQLite file; a throwaway
+PostgreSQL server): concurrent writers, rebuilds, idempotent appends, and one driver reading what
+the other wrote."""
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,36 @@ from artifactfs.model import (
 from artifactfs.registry import Registry, open_registry
 from artifactfs.tables import EventRow, RepoRow
 
-DRIVERS = ["sqlite", "sqlalchemy"]
+from .postgres import PostgresServer
+
+DRIVERS = ["sqlite", "sqlalchemy", "postgresql"]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def url_for(driver: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[], str]:
+    """A fresh, empty registry URL for the driver under test: SQLite files, or PostgreSQL."""
+    if driver == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return server.new_database
+    return lambda: f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+def open_for(driver: str, url: str) -> Registry:
+    return open_registry(url, driver="sqlite" if driver == "sqlite" else "sqlalchemy")
 
 
 def dump(repo: RepoState) -> dict[str, object]:
@@ -52,7 +78,7 @@ def register(registry: Registry, name: str) -> None:
 
 
 def _writer(url: str, driver: str, worker: int, count: int) -> None:
-    registry = open_registry(url, driver=driver)
+    registry = open_for(driver, url)
     for i in range(count):
         # Half the appends go to one shared stream, half to the writer's own.
         stream = "shared" if i % 2 == 0 else f"own-{worker}"
@@ -61,9 +87,9 @@ def _writer(url: str, driver: str, worker: int, count: int) -> None:
     registry.close()
 
 
-def test_concurrent_writers_never_see_database_locked(tmp_path: Path, driver: str) -> None:
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    open_registry(url, driver=driver).close()  # create the schema once
+def test_concurrent_writers_never_see_database_locked(url_for: Callable[[], str], driver: str) -> None:
+    url = url_for()
+    open_for(driver, url).close()  # create the schema once
     writers, per_writer = 6, 40
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(url, driver, w, per_writer)) for w in range(writers)]
@@ -72,7 +98,7 @@ def test_concurrent_writers_never_see_database_locked(tmp_path: Path, driver: st
     for p in procs:
         p.join(120)
         assert p.exitcode == 0, "a writer failed (database is locked?)"
-    registry = open_registry(url, driver=driver)
+    registry = open_for(driver, url)
     events = registry.events()
     assert len(events) == writers * per_writer
     by_stream: dict[str, list[int]] = {}
@@ -86,8 +112,8 @@ def test_concurrent_writers_never_see_database_locked(tmp_path: Path, driver: st
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
 
 
-def test_projection_equals_fold_of_the_log(tmp_path: Path, driver: str) -> None:
-    registry = open_registry(f"sqlite:///{tmp_path / 'r.db'}", driver=driver)
+def test_projection_equals_fold_of_the_log(url_for: Callable[[], str], driver: str) -> None:
+    registry = open_for(driver, url_for())
     register(registry, "alpha")
     register(registry, "beta")
     register(registry, "gamma")
@@ -113,16 +139,16 @@ def test_projection_equals_fold_of_the_log(tmp_path: Path, driver: str) -> None:
     assert snapshot() == live
 
 
-def test_duplicate_registration_is_refused_atomically(tmp_path: Path, driver: str) -> None:
-    registry = open_registry(f"sqlite:///{tmp_path / 'r.db'}", driver=driver)
+def test_duplicate_registration_is_refused_atomically(url_for: Callable[[], str], driver: str) -> None:
+    registry = open_for(driver, url_for())
     register(registry, "alpha")
     with pytest.raises(DuplicateRepo):
         register(registry, "alpha")
     assert [e.type for e in registry.events("alpha")] == ["registered"]
 
 
-def test_dedupe_key_makes_redelivered_appends_no_ops(tmp_path: Path, driver: str) -> None:
-    registry = open_registry(f"sqlite:///{tmp_path / 'r.db'}", driver=driver)
+def test_dedupe_key_makes_redelivered_appends_no_ops(url_for: Callable[[], str], driver: str) -> None:
+    registry = open_for(driver, url_for())
     register(registry, "alpha")
     ready = NewEvent(EventType.READY, {"head": "b" * 40}, job_id="job-1", dedupe_key="job-1:ready")
     assert len(registry.append("alpha", lambda _r: [ready])) == 1
@@ -130,8 +156,8 @@ def test_dedupe_key_makes_redelivered_appends_no_ops(tmp_path: Path, driver: str
     assert [e.type for e in registry.events("alpha")] == ["registered", "ready"]
 
 
-def test_expected_version_detects_a_concurrent_writer(tmp_path: Path, driver: str) -> None:
-    registry = open_registry(f"sqlite:///{tmp_path / 'r.db'}", driver=driver)
+def test_expected_version_detects_a_concurrent_writer(url_for: Callable[[], str], driver: str) -> None:
+    registry = open_for(driver, url_for())
     register(registry, "alpha")
     registry.append("alpha", lambda _r: [NewEvent(EventType.PHASE, {"phase": "clone"})], expected_version=1)
     with pytest.raises(ConcurrencyConflict):
