@@ -69,6 +69,7 @@ class Node:
     oid: str | None  # tree id for directories, blob id for files and links, commit id for gitlinks
     children: dict[bytes, int] | None = None  # filled on first listing or lookup of a directory
     listed: bool = False  # listed by readdir: its files come along when one of them is fetched
+    misses: int = 0  # blobs of this directory fetched one at a time so far
 
     @property
     def is_dir(self) -> bool:
@@ -217,16 +218,20 @@ class TreeFS(pyfuse3.Operations):
         return attr
 
     async def _hydrate(self, node: Node) -> None:
-        """Make a blob present, bringing the rest of a listed directory along in the same batch."""
+        """Make a blob present. The first miss in a directory fetches that blob alone; once the
+        directory has been listed, or a second of its files is needed (git status, a build, grep
+        walking it), the rest of the directory comes along in the same batch."""
         if not node.is_blob or node.oid is None or self.is_present(node.oid):
             return
         wanted = [node.oid]
         parent = self._snap().nodes.get(node.parent)
-        if parent is not None and parent.listed and parent.children:
+        if parent is not None and (parent.listed or parent.misses > 0) and parent.children:
             for inode in parent.children.values():
                 sibling = self._snap().nodes[inode]
                 if sibling.is_blob and sibling.oid not in self.sizes and len(wanted) < SIBLING_BATCH_LIMIT:
                     wanted.append(sibling.oid)  # type: ignore[arg-type]
+        if parent is not None:
+            parent.misses += 1
         assert self.hydrator is not None
         try:
             await self.hydrator.ensure(dict.fromkeys(wanted))

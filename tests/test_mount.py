@@ -266,3 +266,17 @@ def test_a_new_daemon_takes_down_a_stale_mount(afs: Artifactfs, sample: SampleRe
     afs.start_daemon("mountd2.log")
     wait_until(lambda: readable(mnt / "README.md"), what="the mount to come back")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+
+
+def test_statting_files_one_by_one_brings_their_directory_along(afs: Artifactfs, git_daemon: GitDaemon, served_many: SampleRepo) -> None:
+    afs.add("many", git_daemon.url("many.git"))
+    afs.start_daemon()
+    mnt = afs.wait_mounted("many")
+    git_daemon.reset_count()
+    # git status and builds stat tracked files by path, without listing their directories.
+    in_d003 = sorted(p for p in served_many.files if p.startswith("d003/"))
+    for path in in_d003:
+        assert (mnt / path).stat().st_size == len(served_many.files[path])
+    assert git_daemon.fetch_count() == 2  # the first file alone, then the rest of the directory
+    fetched = present_blobs(afs.root / "git" / "many.git")
+    assert fetched == {served_many.blob_id(p) for p in in_d003}
