@@ -6,7 +6,10 @@ the table shows median / min / max seconds):
   a   ``git clone -q`` (full clone with checkout)
   b   ``git clone --filter=blob:none --no-checkout`` (blobless)
   c   ``git clone --filter=blob:none`` (blobless, then checkout: a working tree)
-  d   ``artifactfs add-repo`` (fresh ARTIFACTFS_ROOT every run)
+  d0  ``artifactfs list-repos`` on a fresh ARTIFACTFS_ROOT: the first command of
+      an installation creates the registry (imports SQLAlchemy/SQLModel once)
+  d   ``artifactfs add-repo`` (blocking: registers and makes the blobless clone)
+      on that installation, its registry already created by (d0)
   e1  ``artifactfs daemon`` start until the mount shows in /proc/self/mountinfo
   e2  then the first ``os.listdir`` of the mount root
   e3  then ``cat README*`` (every README* of the root read to the end)
@@ -26,6 +29,30 @@ the table shows median / min / max seconds):
   h   every file of the full clone of (a) read from the native checkout
       (page cache warm: it was just written), for reference
 
+Then the asynchronous path, against the same remote, with one ``artifactfs up``
+stack (private redis-server, Celery worker, mountd, Flower; its own
+ARTIFACTFS_HOST, so its own queue) for the whole section, ``--async-runs``
+registrations of new names per step:
+
+  d1  ``artifactfs add-repo --async`` wall time (returns once mountd has mounted
+      the gated placeholder); the note counts the runs in which the placeholder
+      was in /proc/self/mountinfo when the command returned
+  d2  from the start of ``add-repo --async`` until ``cat README*`` through the
+      mount has finished (the listing waits at the gate for the worker's
+      blobless clone; the README blobs are then fetched): the time until a
+      sandbox has read its first file, to compare with (b); the same
+      registrations as (d1), no artificial delay
+  d3  readiness latency, in milliseconds: from the time of the worker's
+      ``ready`` event (``artifactfs events --json``) until an ``os.listdir`` of
+      the mount root, started in a thread right after ``add-repo --async``
+      returned and blocked at the gate, returns (time.time(), same clock).
+      With the synthetic remote every pack is held back --async-delay seconds
+      (default 1) so the clone outlasts the listing's start; an external
+      remote cannot be slowed, so the note says in how many runs the listing
+      really started before ``ready`` (only those runs are counted, if any)
+  u1  ``artifactfs up`` until every service answers, u2 ``artifactfs down``
+      (references, once each)
+
 Without --remote a synthetic repository (--files files of ~400 bytes in --dirs
 directories plus README.md) is built and served by ``git daemon`` on
 127.0.0.1, so every step goes over a real loopback git protocol and the
@@ -33,28 +60,34 @@ daemon's pack-objects hook counts server-side fetch transactions.
 
 Run from the repository root:
 
-    .venv/bin/python bench/bench.py                       # synthetic, 5 runs
-    .venv/bin/python bench/bench.py --runs 1 --files 500  # quick
+    .venv/bin/python bench/bench.py                       # synthetic, defaults
+    .venv/bin/python bench/bench.py --runs 1 --files 500 --async-runs 3  # quick
     .venv/bin/python bench/bench.py --remote https://github.com/git/git --json out.json
     make bench REPO=https://... BENCH_ARGS="--runs 3"
 
+``--async-runs 0`` leaves the asynchronous section out (no redis-server needed).
+
 Everything it creates lives under one temporary directory that is removed at
-the end (mounts are taken down first), also on error, Ctrl-C or SIGTERM.
+the end (the stack is stopped with ``artifactfs down`` and mounts are taken
+down first), also on error, Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +105,9 @@ FILE_MODES = {"100644", "100755"}
 MOUNT_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 GC_WAIT = 60.0
+STACK_TIMEOUT = 180.0  # `artifactfs up` / `down`
+READY_TIMEOUT = 300.0  # an asynchronous preparation that takes longer fails the benchmark
+ASYNC_SETTLE = 0.25  # pause between asynchronous runs (mountd warms its next spare meanwhile)
 
 
 # --------------------------------------------------------------------------
@@ -93,6 +129,10 @@ class Measurement:
     fetch_seconds: list[float] = field(default_factory=list)  # time the mount spent fetching
     extrapolated: bool = False
     note: str = ""
+    unit: str = "s"  # how the table shows the samples ("ms": times 1000); always seconds in JSON
+    counts: dict[str, int] = field(default_factory=dict)  # per-run yes/no tallies for the note
+    phase_seconds: list[float] = field(default_factory=list)  # the worker's clone phase, per run
+    unblocked: list[float] = field(default_factory=list)  # (d3) runs whose ls did not wait
 
     def add(self, seconds: float, *, transactions: int | None = None, packs: int | None = None,
             blobs: int | None = None, fetch_seconds: float | None = None) -> None:
@@ -126,9 +166,9 @@ class Measurement:
 class Results:
     rows: dict[str, Measurement] = field(default_factory=dict)
 
-    def row(self, key: str, label: str, files: int | None = None, note: str = "") -> Measurement:
+    def row(self, key: str, label: str, files: int | None = None, note: str = "", unit: str = "s") -> Measurement:
         if key not in self.rows:
-            self.rows[key] = Measurement(key, label, files, note=note)
+            self.rows[key] = Measurement(key, label, files, note=note, unit=unit)
         return self.rows[key]
 
 
@@ -141,16 +181,26 @@ class Janitor:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.daemons: list[subprocess.Popen[bytes]] = []
+        self.stacks: list[Installation] = []  # installations that ran `artifactfs up`
         self.git_daemon: GitDaemon | None = None
 
     def close(self) -> None:
-        for proc in list(self.daemons):
-            stop_process(proc)
-        self.daemons.clear()
-        unmount_under(self.base)
-        if self.git_daemon is not None:
-            self.git_daemon.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
+        # A second Ctrl-C must not cut the clean-up short (`down` takes a few seconds); children
+        # started from here on inherit the ignored signals too.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            for inst in list(self.stacks):
+                inst.stop_stack()
+            for proc in list(self.daemons):
+                stop_process(proc)
+            self.daemons.clear()
+            unmount_under(self.base)
+            if self.git_daemon is not None:
+                self.git_daemon.stop()
+            shutil.rmtree(self.base, ignore_errors=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -175,6 +225,15 @@ def unmount_under(base: Path) -> None:
 
 def raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def process_of(pid: int, root: Path) -> bool:
+    """Whether `pid` runs for the installation at `root` (a stale pid file may name a reused pid)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"ARTIFACTFS_ROOT=" + os.fsencode(root) in environ
 
 
 # --------------------------------------------------------------------------
@@ -291,6 +350,58 @@ def command_output(cmd: Sequence[str]) -> str:
         return "?"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def event_time(text: str) -> float:
+    """An event's ISO 8601 time (UTC if it names no zone) as a time.time() value."""
+    when = datetime.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def wait_mounted(path: Path, timeout: float = MOUNT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while str(path) not in fuse_mounts():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} not mounted after {timeout:g}s")
+        time.sleep(0.002)
+
+
+class BlockedListing:
+    """``os.listdir(path)`` in a thread, with the wall-clock times it started and returned."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.names: list[str] | None = None
+        self.error: BaseException | None = None
+        self.started_at = 0.0
+        self.returned_at = 0.0
+        self.thread = threading.Thread(target=self._run, name=f"ls {path.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.started_at = time.time()
+        try:
+            self.names = os.listdir(self.path)
+        except BaseException as exc:  # noqa: BLE001 - handed to join()
+            self.error = exc
+        self.returned_at = time.time()
+
+    def join(self, timeout: float) -> list[str]:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError(f"ls {self.path} still blocked after {timeout:g}s")
+        if self.error is not None:
+            raise RuntimeError(f"ls {self.path} failed: {self.error}")
+        assert self.names is not None
+        return self.names
+
+
 # --------------------------------------------------------------------------
 # the remote
 # --------------------------------------------------------------------------
@@ -359,10 +470,14 @@ class Installation:
     @classmethod
     def create(cls, base: Path, remote: Remote, janitor: Janitor) -> "Installation":
         env = dict(remote.git_env)
-        for key in ("ARTIFACTFS_DATABASE_URL", "ARTIFACTFS_REDIS_URL"):
-            env.pop(key, None)
+        for key in list(env):
+            if key.startswith("ARTIFACTFS_"):  # the caller's database, Redis, host, limits...
+                del env[key]
         env.update(ARTIFACTFS_ROOT=str(base / "afs"), ARTIFACTFS_MOUNT_ROOT=str(base / "mnt"),
-                   ARTIFACTFS_LOG_LEVEL="INFO", PYTHONPATH=str(REPO_ROOT))
+                   ARTIFACTFS_LOG_LEVEL="INFO", PYTHONPATH=str(REPO_ROOT),
+                   # a queue of its own (artifactfs.<host>): no other worker takes its jobs
+                   ARTIFACTFS_HOST=f"{janitor.base.name}-{base.name}",
+                   ARTIFACTFS_FLOWER_PORT=str(free_port()))
         return cls(base / "afs", base / "mnt", env, janitor)
 
     @property
@@ -417,8 +532,8 @@ class Installation:
             raise RuntimeError(f"mountd left {self.mount_path} mounted:\n{self.log_tail()}")
         return elapsed
 
-    def fetch_stats(self) -> dict[str, float]:
-        path = self.root / "state" / REPO_NAME / "fetch-stats.json"
+    def fetch_stats(self, name: str = REPO_NAME) -> dict[str, float]:
+        path = self.root / "state" / name / "fetch-stats.json"
         try:
             return json.loads(path.read_text())
         except (FileNotFoundError, ValueError):
@@ -427,11 +542,67 @@ class Installation:
     def status(self) -> dict[str, object]:
         return json.loads(self.cli("status", "--name", REPO_NAME, "--json").stdout)
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30, log_file: Path | None = None) -> str:
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join((log_file or self.log_file).read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+    # --- the asynchronous stack (`artifactfs up`) ---
+
+    def stack_logs(self, lines: int = 15) -> str:
+        logs = self.root / "log"
+        return "\n".join(f"--- {name}.log:\n{self.log_tail(lines, logs / f'{name}.log')}"
+                         for name in ("worker", "mountd"))
+
+    def up(self) -> float:
+        """`artifactfs up`; return the seconds until every service answered."""
+        self.janitor.stacks.append(self)  # before: a failed `up` may leave some services running
+        start = time.perf_counter()
+        run([sys.executable, "-m", "artifactfs.cli", "up"], self.env, cwd=REPO_ROOT, timeout=STACK_TIMEOUT)
+        return time.perf_counter() - start
+
+    def down(self) -> float:
+        """`artifactfs down` (mountd unmounts everything on its way out); return its seconds."""
+        start = time.perf_counter()
+        run([sys.executable, "-m", "artifactfs.cli", "down"], self.env, cwd=REPO_ROOT, timeout=STACK_TIMEOUT)
+        elapsed = time.perf_counter() - start
+        self.janitor.stacks.remove(self)
+        self.reap()
+        return elapsed
+
+    def stop_stack(self) -> None:
+        """Clean-up path (errors, Ctrl-C): `artifactfs down`, then whatever it left."""
+        if self not in self.janitor.stacks:
+            return  # never started, or already down
+        self.janitor.stacks.remove(self)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run([sys.executable, "-m", "artifactfs.cli", "down"], env=self.env, cwd=REPO_ROOT,
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=STACK_TIMEOUT, check=False)
+        self.reap()
+
+    def reap(self) -> None:
+        """SIGKILL any service a pid file still names, and take down mounts left behind."""
+        run_root = self.root / "run"
+        for pid_file in run_root.glob("*.pid") if run_root.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if process_of(pid, self.root):
+                    os.killpg(pid, signal.SIGKILL)  # each service leads its own session
+        unmount_under(self.mount_root)
+
+    def add_async(self, name: str, remote: Remote) -> tuple[float, float, bool]:
+        """`add-repo --async`: (perf_counter at start, at return, placeholder mounted at return)."""
+        start = time.perf_counter()
+        out = self.cli("add-repo", "--async", "--name", name, "--remote", remote.url, "--ref", remote.ref)
+        returned = time.perf_counter()
+        mounted = str(self.mount_root / name) in fuse_mounts()
+        if out.stdout.decode().strip() != f"queued {name}":
+            raise RuntimeError(f"unexpected add-repo --async output: {out.stdout!r}")
+        return start, returned, mounted
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        return json.loads(self.cli("events", "--name", name, "--json").stdout)
 
 
 @dataclass
@@ -549,9 +720,15 @@ class Bench:
     def mount_steps(self, work: Path) -> None:
         r = self.results
         inst = Installation.create(work, self.remote, self.janitor)
+        # The first command on an installation creates the registry (and imports SQLAlchemy and
+        # SQLModel for that, once): its own row, so that (d) is add-repo alone.
+        r.row("d0", "artifactfs list-repos, fresh installation",
+              note="first command on a fresh installation: creates the registry").add(
+            timed([sys.executable, "-m", "artifactfs.cli", "list-repos"], inst.env, REPO_ROOT))
         before = Counters.take(None, self.remote)
         seconds = inst.add_repo(self.remote)
-        r.row("d", "artifactfs add-repo").add(seconds, packs=before.since(None, self.remote).packs)
+        r.row("d", "artifactfs add-repo (blocking: + blobless clone)",
+              note="registry already there").add(seconds, packs=before.since(None, self.remote).packs)
         try:
             r.row("e1", "artifactfs daemon start -> mount visible").add(inst.start_daemon())
 
@@ -611,11 +788,143 @@ class Bench:
                 inst.stop_daemon()
 
 
+    # --- the asynchronous path: one `artifactfs up` stack for the whole section ---
+
+    def async_steps(self) -> None:
+        runs = self.args.async_runs
+        work = self.base / "async"
+        work.mkdir()
+        inst = Installation.create(work, self.remote, self.janitor)
+        r = self.results
+        try:
+            inst.cli("list-repos")  # the registry, created before anything is timed
+            r.row("u1", "artifactfs up (redis, worker, mountd, flower)").add(inst.up())
+            try:
+                for index in range(runs):
+                    self.async_read_run(inst, index)
+                    time.sleep(ASYNC_SETTLE)
+                self.async_ready_runs(inst, runs)
+                self.async_notes(runs)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{inst.stack_logs()}") from None
+            self.extras.append({"step": "async", "status": json.loads(inst.cli("status", "--json").stdout)})
+            r.row("u2", "artifactfs down (every mount taken down)").add(inst.down())
+        finally:
+            inst.stop_stack()
+            unmount_under(work)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def async_notes(self, runs: int) -> None:
+        rows = self.results.rows
+        add, first, ready = rows["d1"], rows["d2"], rows["d3"]
+        add.note = f"placeholder mounted on return {add.counts.get('placeholder', 0)}/{runs}"
+        notes = []
+        if first.phase_seconds:
+            notes.append(f"worker clone phase {statistics.median(first.phase_seconds):.2f}s")
+        first.note = ", ".join([*notes, "compare (b)"])
+        blocked = ready.counts.get("blocked", 0)
+        notes = [f"ls blocked {blocked}/{runs}"]
+        if not blocked:
+            # Nothing waited (a remote too fast to slow down): show what there is, and say so.
+            ready.seconds, ready.unblocked = ready.unblocked, []
+            notes.append("none waited: figures are ready -> return of an ls started after it")
+        elif blocked < runs:
+            notes.append("only those counted")
+        notes.append(f"placeholder mounted on return {ready.counts.get('placeholder', 0)}/{runs}")
+        if ready.phase_seconds:
+            delay = f", packs {self.args.async_delay:g}s late" if self.remote.daemon is not None else ""
+            notes.append(f"clone phase {statistics.median(ready.phase_seconds):.2f}s{delay}")
+        ready.note = ", ".join(notes)
+
+    def async_read_run(self, inst: Installation, index: int) -> None:
+        """(d1) add-repo --async, and (d2) from its start until README* is read through the mount."""
+        name = f"read{index}"
+        path = inst.mount_root / name
+        before = Counters.take(None, self.remote)
+        start, returned, mounted = inst.add_async(name, self.remote)
+        if not mounted:
+            wait_mounted(path)
+        names = os.listdir(path)  # waits at the gate until the worker's clone is in place
+        readmes = sorted(n for n in names if n.startswith("README") and (path / n).is_file())
+        for readme in readmes:
+            read_file(os.fspath(path / readme))
+        done = time.perf_counter()
+        stats = inst.fetch_stats(name)
+        packs = before.since(None, self.remote).packs
+        clone = clone_phase_seconds(inst.events(name))
+        r = self.results
+        add = r.row("d1", "artifactfs add-repo --async (placeholder up)")
+        add.add(returned - start)
+        add.counts["placeholder"] = add.counts.get("placeholder", 0) + mounted
+        done_what = "cat README* done" if readmes else "first ls done (no README*)"
+        first = r.row("d2", f"  add-repo --async start -> {done_what}")
+        first.add(done - start, transactions=int(stats.get("transactions", 0)), packs=packs,
+                  blobs=int(stats.get("objects", 0)))
+        if clone is not None:
+            first.phase_seconds.append(clone)
+        self.extras.append({"step": "d1/d2", "name": name, "add_seconds": returned - start,
+                            "placeholder_mounted": mounted, "first_read_seconds": done - start,
+                            "readmes": readmes, "clone_phase_seconds": clone})
+
+    def async_ready_runs(self, inst: Installation, runs: int) -> None:
+        """(d3): the worker's `ready` event -> a listing blocked at the gate returns."""
+        daemon = self.remote.daemon
+        try:
+            if daemon is not None:
+                daemon.set_delay(self.args.async_delay)  # every pack starts late: a slow clone
+            for index in range(runs):
+                self.async_ready_run(inst, index)
+                time.sleep(ASYNC_SETTLE)
+        finally:
+            if daemon is not None:
+                daemon.set_delay(0)
+
+    def async_ready_run(self, inst: Installation, index: int) -> None:
+        name = f"ready{index}"
+        path = inst.mount_root / name
+        _start, _returned, mounted = inst.add_async(name, self.remote)
+        if not mounted:
+            wait_mounted(path)
+        listing = BlockedListing(path)
+        listing.join(READY_TIMEOUT)
+        events = inst.events(name)
+        ready = [e for e in events if e.get("type") == "ready"]
+        if not ready:
+            raise RuntimeError(f"{name}: the listing returned but there is no ready event: {events}")
+        ready_at = event_time(str(ready[-1]["time"]))
+        blocked = listing.started_at < ready_at
+        latency = listing.returned_at - ready_at
+        clone = clone_phase_seconds(events)
+        row = self.results.row("d3", "readiness: ready event -> blocked ls returns", unit="ms")
+        row.counts["placeholder"] = row.counts.get("placeholder", 0) + mounted
+        row.counts["blocked"] = row.counts.get("blocked", 0) + blocked
+        if blocked:
+            row.add(latency)
+        else:
+            row.unblocked.append(latency)
+        if clone is not None:
+            row.phase_seconds.append(clone)
+        self.extras.append({"step": "d3", "name": name, "placeholder_mounted": mounted, "blocked": blocked,
+                            "ls_started_at": listing.started_at, "ls_returned_at": listing.returned_at,
+                            "ready_at": ready_at, "latency_seconds": latency, "clone_phase_seconds": clone,
+                            "entries": len(listing.names or [])})
+
+
+def clone_phase_seconds(events: list[dict[str, object]]) -> float | None:
+    """How long the worker's clone phase took: from its `phase clone` event to the next event."""
+    for this, following in itertools.pairwise(events):
+        payload = this.get("payload")
+        if this.get("type") == "phase" and isinstance(payload, dict) and payload.get("phase") == "clone":
+            return event_time(str(following["time"])) - event_time(str(this["time"]))
+    return None
+
+
 # --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
 
-ORDER = ["a", "b", "c", "d", "e1", "e2", "e3", "e4", "f", "f2", "f*", "g", "g~", "h"]
+ORDER = ["a", "b", "c", "d0", "d", "d1", "d2", "d3", "e1", "e2", "e3", "e4", "u1", "u2",
+         "f", "f2", "f*", "g", "g~", "h"]
 
 
 def machine_facts(remote: Remote, files: int, args: argparse.Namespace, date: str) -> dict[str, object]:
@@ -635,12 +944,16 @@ def machine_facts(remote: Remote, files: int, args: argparse.Namespace, date: st
         "runs": args.runs,
         "lazy_sample": args.lazy_sample,
         "lazy_runs": min(args.lazy_runs, args.runs),
+        "async_runs": args.async_runs,
+        "async_delay": args.async_delay if remote.daemon is not None else None,
         "tmp": tempfile.gettempdir(),
     }
 
 
-def fmt_seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def fmt_seconds(value: float | None, unit: str = "s") -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f}ms" if unit == "ms" else f"{value:.3f}"
 
 
 def fmt_counts(values: list[int]) -> str:
@@ -662,7 +975,7 @@ def render(results: Results, facts: dict[str, object]) -> str:
          f"kernel={facts['kernel']} date={facts['date']}"),
         (f"remote: {facts['remote']} ref={facts['ref']} files={facts['files']} "
          f"runs={facts['runs']} lazy-sample={facts['lazy_sample']} lazy-runs={facts['lazy_runs']} "
-         f"tmp={facts['tmp']}"),
+         f"async-runs={facts['async_runs']} tmp={facts['tmp']}"),
         "",
         header,
         "-" * len(header),
@@ -676,8 +989,9 @@ def render(results: Results, facts: dict[str, object]) -> str:
             notes.append(m.note)
         note = ", ".join(notes)
         lines.append(
-            f"{f'{m.key:<3} {m.label}':<{label_w}}  {len(m.seconds):>4} {fmt_seconds(m.median):>9} "
-            f"{fmt_seconds(min(m.seconds, default=None)):>9} {fmt_seconds(max(m.seconds, default=None)):>9} "
+            f"{f'{m.key:<3} {m.label}':<{label_w}}  {len(m.seconds):>4} {fmt_seconds(m.median, m.unit):>9} "
+            f"{fmt_seconds(min(m.seconds, default=None), m.unit):>9} "
+            f"{fmt_seconds(max(m.seconds, default=None), m.unit):>9} "
             f"{'' if m.files is None else m.files:>6} {'' if per_file is None else f'{per_file:.3f}':>8} "
             f"{fmt_counts(m.transactions):>11} {fmt_counts(m.packs):>13} {fmt_counts(m.blobs):>14}  {note}".rstrip()
         )
@@ -685,7 +999,19 @@ def render(results: Results, facts: dict[str, object]) -> str:
         "",
         "fetch txns: client side (the mount's fetch-stats.json; git's lazy fetches from GIT_TRACE2_EVENT).",
         "server packs: packs the synthetic git daemon served (one per fetch transaction).",
+        "d0: the first command on a fresh installation creates the registry (SQLAlchemy/SQLModel import, once);",
+        "    (d) then runs on that installation, so it is add-repo alone.",
     ]
+    if "d1" in results.rows:
+        lines += [
+            "d1-d3: one `artifactfs up` stack for all of them, a new repository name per run.",
+            "d1: placeholder mounted = in /proc/self/mountinfo the moment add-repo --async returned.",
+            "d2: add-repo --async start -> README* read through the mount (the listing waits for the worker's",
+            "    blobless clone); server packs = that clone + the README fetch; compare (b), the clone alone.",
+            "d3: milliseconds; time of the worker's `ready` event (events --json) -> return of an os.listdir of",
+            "    the mount root started in a thread right after add-repo --async returned (time.time(), one",
+            "    clock); 'ls blocked' = the listing started before the ready event, so it waited at the gate.",
+        ]
     return "\n".join(lines)
 
 
@@ -705,10 +1031,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="files read one by one in (g) and (f*) (default: 500; the rest is extrapolated)")
     p.add_argument("--lazy-runs", type=int, default=1,
                    help="runs that include the sampled steps (g) and (f*) (default: 1)")
+    p.add_argument("--async-runs", type=int, default=9,
+                   help="registrations per step of the asynchronous section (d1-d3) (default: 9; 0: skip it)")
+    p.add_argument("--async-delay", type=float, default=1.0,
+                   help="synthetic remote: seconds every pack is held back during (d3), so the clone is slow "
+                        "(default: 1.0)")
     p.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     args = p.parse_args(argv)
     if min(args.runs, args.dirs, args.lazy_sample, args.lazy_runs) < 1 or args.files < 0:
         p.error("--runs, --dirs, --lazy-sample and --lazy-runs must be >= 1, --files >= 0")
+    if args.async_runs < 0 or args.async_delay < 0:
+        p.error("--async-runs and --async-delay must be >= 0")
     return args
 
 
@@ -731,6 +1064,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index in range(args.runs):
             bench.run_once(index)
             print(f"bench: run {index + 1}/{args.runs} done ({time.perf_counter() - started:.0f}s)",
+                  file=sys.stderr, flush=True)
+        if args.async_runs:
+            bench.async_steps()
+            print(f"bench: asynchronous section done ({time.perf_counter() - started:.0f}s)",
                   file=sys.stderr, flush=True)
         facts = machine_facts(remote, len(bench.files), args, date)
         check_counts(bench)
