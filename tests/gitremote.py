@@ -39,7 +39,7 @@ import weakref
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Self
 
 __all__ = [
     "SampleRepo",
@@ -585,7 +585,47 @@ class _PackHook:
 # --------------------------------------------------------------------------
 
 
-class GitDaemon:
+class _PackCountingServer:
+    """What both test servers share: a pack-objects hook that counts every fetch transaction
+    served (and can break them), and start/stop as a context manager."""
+
+    _hook: _PackHook
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def state_dir(self) -> Path:
+        return self._hook.dir
+
+    def fetch_count(self, repo: str | None = None) -> int:
+        """Packs served since the last reset (optionally only for the repository directory
+        ``repo``, e.g. ``"sample.git"``): one per fetch transaction that transferred objects."""
+        return self._hook.count(repo)
+
+    def fetch_log(self) -> list[tuple[str, str]]:
+        """``(repository dir, pack-objects command line)`` per pack served."""
+        return self._hook.log_lines()
+
+    def reset_count(self) -> None:
+        self._hook.reset()
+
+    def set_broken(self, flag: bool) -> None:
+        """Make every pack fail (the hook exits 1 before pack-objects runs)."""
+        self._hook.set_broken(flag)
+
+
+class GitDaemon(_PackCountingServer):
     """``git daemon`` serving every repository under ``base`` on 127.0.0.1.
 
     ``fetch_count()`` is the number of packs served since the last
@@ -603,18 +643,6 @@ class GitDaemon:
         self._proc: subprocess.Popen | None = None
         self._reaper: weakref.finalize | None = None
         self.daemon_log = self._hook.dir / "daemon.log"
-
-    # context manager
-    def __enter__(self) -> "GitDaemon":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def state_dir(self) -> Path:
-        return self._hook.dir
 
     @property
     def pid(self) -> int | None:
@@ -676,24 +704,9 @@ class GitDaemon:
             self._reaper.detach()
             self._reaper = None
 
-    # pack-objects hook controls
-    def fetch_count(self, repo: str | None = None) -> int:
-        """Packs served since the last reset (optionally only for the
-        repository directory ``repo``, e.g. ``"sample.git"``)."""
-        return self._hook.count(repo)
-
-    def fetch_log(self) -> list[tuple[str, str]]:
-        """``(repository dir, pack-objects command line)`` per pack served."""
-        return self._hook.log_lines()
-
-    def reset_count(self) -> None:
-        self._hook.reset()
-
     def set_delay(self, seconds: float) -> None:
+        """Every pack starts ``seconds`` late."""
         self._hook.set_delay(seconds)
-
-    def set_broken(self, flag: bool) -> None:
-        self._hook.set_broken(flag)
 
 
 # --------------------------------------------------------------------------
@@ -790,7 +803,7 @@ def _split_cgi(output: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
     return status, reason, headers, body
 
 
-class GitHttpServer:
+class GitHttpServer(_PackCountingServer):
     """Smart-HTTP git server for the repositories under ``base``.
 
     Each request runs ``git http-backend`` as a CGI child.  Every request must
@@ -818,17 +831,6 @@ class GitHttpServer:
         self._conns: set[socket.socket] = set()
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "GitHttpServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def state_dir(self) -> Path:
-        return self._hook.dir
 
     @property
     def running(self) -> bool:
@@ -877,19 +879,6 @@ class GitHttpServer:
     def set_delay(self, seconds: float) -> None:
         """Sleep ``seconds`` before answering each request."""
         self._delay = max(0.0, float(seconds))
-
-    def set_broken(self, flag: bool) -> None:
-        """Make every pack fail (HTTP answers stay normal until the pack)."""
-        self._hook.set_broken(flag)
-
-    def fetch_count(self, repo: str | None = None) -> int:
-        return self._hook.count(repo)
-
-    def fetch_log(self) -> list[tuple[str, str]]:
-        return self._hook.log_lines()
-
-    def reset_count(self) -> None:
-        self._hook.reset()
 
     def clear_requests(self) -> None:
         with self._lock:

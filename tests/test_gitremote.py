@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,8 @@ def missing_objects(clone: Path) -> set[str]:
     return {line[1:].strip() for line in out.splitlines() if line.startswith("?")}
 
 
-def _proc_children() -> dict[int, str]:
-    """Live (non-zombie) child processes of this process: pid -> command."""
-    me = os.getpid()
-    found = {}
+def _proc_stats() -> Iterator[tuple[int, str, str, int, int]]:
+    """(pid, command, state, ppid, process group) of every process in /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -65,26 +64,17 @@ def _proc_children() -> dict[int, str]:
             continue
         comm_end = data.rfind(")")
         fields = data[comm_end + 2:].split()
-        state, ppid = fields[0], int(fields[1])
-        if ppid == me and state != "Z":
-            found[int(entry)] = data[data.find("(") + 1:comm_end]
-    return found
+        yield int(entry), data[data.find("(") + 1:comm_end], fields[0], int(fields[1]), int(fields[2])
+
+
+def _proc_children() -> dict[int, str]:
+    """Live (non-zombie) child processes of this process: pid -> command."""
+    me = os.getpid()
+    return {pid: comm for pid, comm, state, ppid, _ in _proc_stats() if ppid == me and state != "Z"}
 
 
 def _process_group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+    return [pid for pid, _, state, _, pgrp in _proc_stats() if state != "Z" and pgrp == pgid]
 
 
 @pytest.fixture(autouse=True)
