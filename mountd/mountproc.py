@@ -30,6 +30,17 @@ log = logging.getLogger("artifactfs.mount")
 MAX_TASKS = 4096
 
 
+def others_may_read() -> bool:
+    """allow_other needs root, or user_allow_other in /etc/fuse.conf (fusermount3 refuses it)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as fh:
+            return any(line.strip() == "user_allow_other" for line in fh)
+    except OSError:
+        return False
+
+
 class MountProcess:
     def __init__(self, name: str, mount_path: Path, stats_file: Path | None) -> None:
         self.name = name
@@ -43,7 +54,9 @@ class MountProcess:
     def mount(self) -> None:
         options = set(pyfuse3.default_options)
         options.discard("default_permissions")
-        options |= {f"fsname=artifactfs:{self.name}", "subtype=artifactfs", "default_permissions", "allow_other"}
+        options |= {f"fsname=artifactfs:{self.name}", "subtype=artifactfs", "default_permissions"}
+        if others_may_read():
+            options.add("allow_other")  # sandboxes run as other users than mountd
         pyfuse3.init(self.fs, str(self.mount_path), options)
 
     async def serve(self) -> None:

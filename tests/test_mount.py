@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,3 +282,26 @@ def test_statting_files_one_by_one_brings_their_directory_along(afs: Artifactfs,
     assert git_daemon.fetch_count() == 2  # the first file alone, then the rest of the directory
     fetched = present_blobs(afs.root / "git" / "many.git")
     assert fetched == {served_many.blob_id(p) for p in in_d003}
+
+
+def test_other_users_can_read_the_mount(afs: Artifactfs, sample: SampleRepo) -> None:
+    """Sandboxes rarely run as the user that runs mountd."""
+    shared = Path(tempfile.mkdtemp(prefix="artifactfs-shared-"))
+    shared.chmod(0o755)  # pytest's own temporary directories are private to root
+    try:
+        afs.env["ARTIFACTFS_MOUNT_ROOT"] = str(shared)
+        afs.mount_root = shared
+        afs.add("shared", sample.url)
+        afs.start_daemon()
+        mnt = afs.wait_mounted("shared")
+        as_nobody = ["runuser", "-u", "nobody", "--"]
+        out = subprocess.run([*as_nobody, "cat", str(mnt / "src/app.py")], capture_output=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == sample.files["src/app.py"]
+        listing = subprocess.run([*as_nobody, "ls", str(mnt / "src")], capture_output=True, text=True)
+        assert "app.py" in listing.stdout.split()
+        denied = subprocess.run([*as_nobody, "touch", str(mnt / "src/app.py")], capture_output=True)
+        assert denied.returncode != 0
+    finally:
+        afs.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
