@@ -103,6 +103,10 @@ class MountDaemon:
         for spare in self._spares:
             spare.stdin.close()  # type: ignore[union-attr]
             spare.wait()
+        # Signal every mount process first, then wait: they unmount in parallel.
+        for child in self.children.values():
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
         for name in list(self.children):
             self._stop_child(name)
         (self.settings.run_root / "mountd.pid").unlink(missing_ok=True)
@@ -256,7 +260,7 @@ class MountDaemon:
     def _stop_child(self, name: str) -> None:
         child = self.children.pop(name)
         if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
+            child.proc.send_signal(signal.SIGTERM)  # again is harmless: it unmounts once
             try:
                 child.proc.wait(timeout=MOUNT_WAIT_SECONDS)
             except subprocess.TimeoutExpired:
