@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .config import Settings, load_settings
 from .model import ArtifactError
@@ -153,8 +153,15 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 # --- parsing ---
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (argparse prints the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Mount Git repositories as lazily hydrated working trees.",
     )
@@ -163,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable[[argparse.Namespace, Settings], int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
+        assert isinstance(p, OneLineParser)
         p.set_defaults(handler=handler)
         return p
 

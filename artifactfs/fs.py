@@ -228,7 +228,7 @@ class TreeFS(pyfuse3.Operations):
         if parent is not None and (parent.listed or parent.misses > 0) and parent.children:
             for inode in parent.children.values():
                 sibling = self._snap().nodes[inode]
-                if sibling.is_blob and sibling.oid not in self.sizes and len(wanted) < SIBLING_BATCH_LIMIT:
+                if sibling.is_blob and not self.is_present(sibling.oid) and len(wanted) < SIBLING_BATCH_LIMIT:  # type: ignore[arg-type]
                     wanted.append(sibling.oid)  # type: ignore[arg-type]
         if parent is not None:
             parent.misses += 1

@@ -102,3 +102,12 @@ def test_list_and_status_output(afs: Artifactfs, sample: SampleRepo) -> None:
     assert fields["repo"] == "two" and fields["ref"] == "refs/heads/feature"
     assert fields["head"] == sample.branches["feature"] and fields["state"] == "unmounted"
     assert fields["hydrated_blobs"] == "0" and fields["prepare_error"] == ""
+
+
+def test_usage_errors_are_one_line_too(afs: Artifactfs) -> None:
+    for args in (["add-repo", "--name", "x"], ["frobnicate"], ["status", "--bogus"]):
+        proc = afs.run(*args, check=False)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--help" in lines[0], proc.stderr
+    assert not (afs.root / "git").exists() or list((afs.root / "git").iterdir()) == []
