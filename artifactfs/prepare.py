@@ -79,6 +79,25 @@ def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> 
     raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
 
 
+def write_index(git_dir: Path, head: str) -> None:
+    """An index of the commit's tree, every entry marked assume-unchanged.
+
+    read-tree needs only trees, which a blobless clone has. The index holds no stat data that
+    matches the mount, so git would stat and hash every tracked file, downloading the whole
+    repository for one `git status`. The mounted tree is read-only: no tracked file can change,
+    so telling git to trust the index is true (whatever makes the tree writable must clear the
+    bit for what it changes).
+    """
+    run_git(["read-tree", head], git_dir=git_dir)
+    # The preloading threads lstat every entry, assume-unchanged or not: turn them off.
+    run_git(["config", "core.preloadIndex", "false"], git_dir=git_dir)
+    paths = run_git(["ls-files", "-z"], git_dir=git_dir).stdout
+    if paths:
+        # update-index wants a work tree; it only flips index bits and looks at no file.
+        run_git([f"--work-tree={git_dir}", "update-index", "-z", "--assume-unchanged", "--stdin"],
+                git_dir=git_dir, input=paths)  # fmt: skip
+
+
 def check_git_dir(path: Path) -> None:
     """A prepared git directory must exist and be a git directory (not a work tree)."""
     if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
@@ -119,8 +138,7 @@ class Preparation:
                 repo.remote_url, repo.ref, git_dir, self.settings.tmp_root, credential_file=self.credential_file
             ).head
         self.phase(Phase.INDEX)
-        # An index of the commit's tree: read-tree needs only trees, which a blobless clone has.
-        run_git(["read-tree", head], git_dir=git_dir)
+        write_index(git_dir, head)
         self.phase(Phase.PUBLISH)
         record(
             self.settings, self.registry, repo.name,

@@ -305,3 +305,16 @@ def test_other_users_can_read_the_mount(afs: Artifactfs, sample: SampleRepo) -> 
     finally:
         afs.cleanup()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_git_status_inside_the_mount_fetches_nothing(afs: Artifactfs, git_daemon: GitDaemon, served_many: SampleRepo) -> None:
+    afs.add("many", git_daemon.url("many.git"))
+    afs.start_daemon()
+    mnt = afs.wait_mounted("many")
+    git_daemon.reset_count()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=mnt, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout == ""  # clean: the mount is the commit
+    assert git_daemon.fetch_count() == 0  # and no blob was downloaded to find that out
+    assert present_blobs(afs.root / "git" / "many.git") == set()
+    assert git_out("diff", "--stat", "HEAD", cwd=mnt) == ""
