@@ -25,19 +25,19 @@ class PrepareOutcome(str, enum.Enum):
     SKIPPED = "skipped"  # nothing to do: removed, already prepared, or superseded
 
 
-def task_id(name: str, attempt: int) -> str:
+def task_id(name: str, attempt_version: int) -> str:
     """Deterministic per attempt: a duplicate publish of the same attempt is the same job."""
-    return f"prepare:{name}:{attempt}"
+    return f"prepare:{name}:{attempt_version}"
 
 
 def publish_prepare(settings: Settings, repo: RepoState) -> str:
     """Send the prepare job of `repo`'s current attempt to this host's queue."""
     from workers.app import app
 
-    tid = task_id(repo.name, repo.prepare_attempt)
+    tid = task_id(repo.name, repo.attempt_version)
     app.send_task(
         PREPARE_TASK,
-        kwargs={"repo": repo.name, "attempt": repo.prepare_attempt, "host": settings.host},
+        kwargs={"repo": repo.name, "attempt": repo.prepare_attempt, "version": repo.attempt_version, "host": settings.host},
         task_id=tid,
         queue=settings.queue,
     )
@@ -47,7 +47,7 @@ def publish_prepare(settings: Settings, repo: RepoState) -> str:
 def run_prepare_job(
     settings: Settings,
     name: str,
-    attempt: int,
+    attempt_version: int,
     *,
     job_id: str,
     may_retry: bool = False,
@@ -57,8 +57,9 @@ def run_prepare_job(
     try:
         with repo_lock(settings.lock_file(name)):
             repo = registry.get(name)
-            if repo is None or repo.prepare_attempt != attempt or repo.state is not PrepareState.PREPARING:
-                log.info("%s: attempt %d has nothing to do (%s)", name, attempt, repo.prepare_state if repo else "removed")
+            if repo is None or repo.attempt_version != attempt_version or repo.state is not PrepareState.PREPARING:
+                state = repo.prepare_state if repo else "removed"
+                log.info("%s: the attempt begun at version %d has nothing to do (%s)", name, attempt_version, state)
                 return PrepareOutcome.SKIPPED
             if timed_out:
                 return _fail(settings, registry, repo, job_id, "preparation exceeded its time limit")
@@ -92,7 +93,7 @@ def _fail(settings: Settings, registry, repo: RepoState, job_id: str, error: str
         record(
             settings, registry, repo.name,
             NewEvent(EventType.FAILED, {"error": error}, job_id=job_id, dedupe_key=f"{job_id}:failed"),
-            guard=current_attempt(repo.prepare_attempt),
+            guard=current_attempt(repo.attempt_version),
         )  # fmt: skip
     except StaleAttempt:
         return PrepareOutcome.SKIPPED

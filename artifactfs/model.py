@@ -123,6 +123,10 @@ class RepoState:
     prepare_error: str | None = None
     prepare_attempt: int = 1
     attempt_started_at: datetime | None = None  # for the overall prepare deadline
+    # The stream version of the event that began the current attempt: unique for ever within the
+    # stream, even when a removed name is registered again and counts attempts from 1 anew. Jobs,
+    # their ids and dedupe keys are keyed on it.
+    attempt_version: int = 0
     head: str | None = None
     version: int = 0  # the last stream version folded into this row
     registered_at: datetime = field(default_factory=lambda: utcnow())

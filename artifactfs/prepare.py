@@ -41,12 +41,12 @@ def announce(settings: Settings, name: str) -> None:
 Guard = Callable[[RepoState | None], None]
 
 
-def current_attempt(attempt: int) -> Guard:
+def current_attempt(attempt_version: int) -> Guard:
     """Refuse to append for an attempt that a newer one (or a removal) has superseded."""
 
     def guard(repo: RepoState | None) -> None:
-        if repo is None or repo.prepare_attempt != attempt or repo.state is not PrepareState.PREPARING:
-            raise StaleAttempt(f"attempt {attempt} is no longer current")
+        if repo is None or repo.attempt_version != attempt_version or repo.state is not PrepareState.PREPARING:
+            raise StaleAttempt("this preparation attempt was superseded (a newer attempt, or a removal)")
 
     return guard
 
@@ -116,7 +116,7 @@ class Preparation:
         record(
             self.settings, self.registry, self.repo.name,
             NewEvent(EventType.PHASE, {"phase": phase.value}, job_id=self.job_id, dedupe_key=f"{self.job_id}:{phase.value}"),
-            guard=current_attempt(self.repo.prepare_attempt),
+            guard=current_attempt(self.repo.attempt_version),
         )  # fmt: skip
 
     def run(self) -> str:
@@ -143,7 +143,7 @@ class Preparation:
         record(
             self.settings, self.registry, repo.name,
             NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"),
-            guard=current_attempt(self.repo.prepare_attempt),
+            guard=current_attempt(self.repo.attempt_version),
         )  # fmt: skip
         return head
 

@@ -23,6 +23,7 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
             asynchronous=bool(p.get("asynchronous", False)),
             prepare_attempt=int(p.get("attempt", 1)),
             attempt_started_at=ev.created_at,
+            attempt_version=ev.version,
             registered_at=ev.created_at,
         )
     elif repo is None:
@@ -33,6 +34,7 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
         repo.prepare_phase = None
         repo.prepare_attempt = int(p.get("attempt", repo.prepare_attempt + 1))
         repo.attempt_started_at = ev.created_at
+        repo.attempt_version = ev.version
         repo.asynchronous = True  # a retry is always a worker's job
     elif kind is EventType.PHASE:
         repo.prepare_phase = p["phase"]

@@ -135,11 +135,15 @@ class Registry(ABC):
     def rebuild(self) -> None:
         """Replace the projection by a fresh fold of the whole log."""
         with self._write() as tx:
-            state = fold(tx.list_events(None, 0))
-            for repo in tx.list_repos():
-                tx.delete_repo(repo.name)
-            for repo in state.values():
-                tx.put_repo(repo)
+            self._refold(tx)
+
+    @staticmethod
+    def _refold(tx: Tx) -> None:
+        state = fold(tx.list_events(None, 0))
+        for repo in tx.list_repos():
+            tx.delete_repo(repo.name)
+        for repo in state.values():
+            tx.put_repo(repo)
 
     # --- reading ---
 
@@ -268,6 +272,27 @@ class SqliteRegistry(Registry):
             from .tables import create_schema  # first use of this database only
 
             create_schema(url)
+        if self._projection_columns() != set(REPO_COLUMNS):
+            self._migrate_projection()
+
+    def _projection_columns(self) -> set[str]:
+        return {row[1] for row in self.conn.execute("PRAGMA table_info(repos)")}
+
+    def _migrate_projection(self) -> None:
+        """The projection's shape changed with this version: recreate it and fold the log anew.
+        The log is the truth, so a projection never needs migrating, only rebuilding."""
+        from sqlalchemy.dialects import sqlite
+        from sqlalchemy.schema import CreateTable
+
+        from .tables import RepoRow
+
+        ddl = str(CreateTable(RepoRow.__table__).compile(dialect=sqlite.dialect()))  # type: ignore[attr-defined]
+        with self._write() as tx:
+            if self._projection_columns() == set(REPO_COLUMNS):
+                return  # another process did it while we waited for the lock
+            self.conn.execute("DROP TABLE repos")
+            self.conn.execute(ddl)
+            self._refold(tx)
 
     @contextmanager
     def _write(self) -> Iterator[SqliteTx]:
@@ -361,6 +386,21 @@ class SqlAlchemyRegistry(Registry):
         self.url = url
         self.engine = create_engine(url, pool_pre_ping=True)
         SQLModel.metadata.create_all(self.engine)
+        self._migrate_projection()
+
+    def _migrate_projection(self) -> None:
+        """Recreate and refold the projection if its shape changed (see SqliteRegistry)."""
+        from sqlalchemy import inspect
+
+        from .tables import RepoRow
+
+        if {c["name"] for c in inspect(self.engine).get_columns("repos")} == set(REPO_COLUMNS):
+            return
+        table = RepoRow.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            table.drop(conn)
+            table.create(conn)
+            self._refold(SqlAlchemyTx(conn))
 
     @contextmanager
     def _write(self) -> Iterator[SqlAlchemyTx]:

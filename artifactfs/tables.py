@@ -44,6 +44,7 @@ class RepoRow(SQLModel, table=True):
     prepare_error: str | None = None
     prepare_attempt: int = 1
     attempt_started_at: datetime | None = None
+    attempt_version: int = 0
     head: str | None = None
     version: int = 0
     registered_at: datetime = Field(default_factory=utcnow)

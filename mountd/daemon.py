@@ -68,7 +68,7 @@ class MountDaemon:
         self._resubscribed = False
         self._restart_after: dict[str, float] = {}
         self._failures: dict[str, int] = {}
-        self._published: dict[str, int] = {}  # repo -> attempt whose job was sent
+        self._published: dict[str, int] = {}  # repo -> attempt_version whose job was sent
         self._spares: list[subprocess.Popen[bytes]] = []  # mount processes, imports done
 
     # --- lifecycle ---
@@ -181,14 +181,14 @@ class MountDaemon:
             try:
                 record(
                     self.settings, self.registry, repo.name,
-                    NewEvent(EventType.FAILED, {"error": error}, dedupe_key=f"deadline:{repo.name}:{repo.prepare_attempt}"),
-                    guard=current_attempt(repo.prepare_attempt),
+                    NewEvent(EventType.FAILED, {"error": error}, dedupe_key=f"deadline:{repo.name}:{repo.attempt_version}"),
+                    guard=current_attempt(repo.attempt_version),
                 )  # fmt: skip
                 log.error("%s: %s", repo.name, error)
             except StaleAttempt:
                 pass
             return
-        if not repo.asynchronous or self._published.get(repo.name) == repo.prepare_attempt:
+        if not repo.asynchronous or self._published.get(repo.name) == repo.attempt_version:
             return  # a blocking add prepares in its own process
         try:
             tid = publish_prepare(self.settings, repo)
@@ -196,7 +196,7 @@ class MountDaemon:
             log.warning("%s: could not publish the prepare job: %s", repo.name, exc)
             self._last_full = 0.0
             return
-        self._published[repo.name] = repo.prepare_attempt
+        self._published[repo.name] = repo.attempt_version
         log.info("%s: published prepare job %s", repo.name, tid)
 
     def _update_gate(self, child: MountChild, repo: RepoState) -> None:

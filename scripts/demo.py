@@ -41,6 +41,10 @@ def artifactfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[st
     return run(str(Path(sys.executable).with_name("artifactfs")), *args, check=check)
 
 
+def artifactfs_quiet(*args: str) -> str:
+    return subprocess.run([str(Path(sys.executable).with_name("artifactfs")), *args], capture_output=True, text=True).stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -123,7 +127,8 @@ def main() -> int:
         if started_stack:
             say("Start the one-host stack: redis-server, a Celery worker, mountd, Flower")
             artifactfs("up")
-        artifactfs("remove-repo", "--name", DEMO_NAME, check=False)  # from an interrupted earlier demo
+        if DEMO_NAME in artifactfs_quiet("list-repos"):  # left by an interrupted earlier demo
+            artifactfs("remove-repo", "--name", DEMO_NAME)
 
         say("Register the repository: returns in milliseconds, the clone runs in a worker")
         started = time.monotonic()
@@ -149,7 +154,8 @@ def main() -> int:
               "while the stack runs (`artifactfs up`).")
     finally:
         say("Clean up")
-        artifactfs("remove-repo", "--name", DEMO_NAME, check=False)
+        if DEMO_NAME in artifactfs_quiet("list-repos"):
+            artifactfs("remove-repo", "--name", DEMO_NAME)
         if started_stack:
             artifactfs("down", check=False)
         if daemon is not None:

@@ -381,3 +381,18 @@ def test_transient_failures_give_up_after_the_retries(afs: Artifactfs, slow: tup
     row = afs.wait_state("dead", "failed", timeout=60)
     assert "hung up" in str(row["prepare_error"]) or "early EOF" in str(row["prepare_error"])
     assert afs.log("worker").count("transient failure, will retry") == 1
+
+
+def test_a_name_registered_again_is_prepared_again(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
+    """Attempts count from 1 again after a removal: jobs and their dedupe keys must not collide."""
+    afs = stack
+    daemon, sample = slow
+    add_async(afs, "again", daemon.url("slow.git"))
+    afs.wait_state("again", "mounted")
+    afs.run("remove-repo", "--name", "again")
+    add_async(afs, "again", daemon.url("slow.git"))
+    afs.wait_state("again", "mounted", timeout=30)
+    assert (afs.mount_path("again") / "README.md").read_bytes() == sample.files["README.md"]
+    types = event_types(afs, "again")
+    assert types == ["registered", "phase", "phase", "phase", "phase", "ready", "removed",
+                     "registered", "phase", "phase", "phase", "phase", "ready"]  # fmt: skip

@@ -182,3 +182,24 @@ def test_drivers_read_each_others_rows(tmp_path: Path) -> None:
         (e.id, e.stream, e.version, e.type, e.payload, e.created_at) for e in orm.events()
     ]
     assert lean.get("alpha").head == "d" * 40  # type: ignore[union-attr]
+
+
+def test_a_projection_of_an_older_shape_is_rebuilt_from_the_log(url_for: Callable[[], str], driver: str) -> None:
+    url = url_for()
+    registry = open_for(driver, url)
+    register(registry, "alpha")
+    registry.append("alpha", lambda _r: [NewEvent(EventType.READY, {"head": "e" * 40})])
+    expected = [dump(r) for r in registry.repos()]
+    registry.close()
+    # An older version of the projection: a column fewer, rows gone.
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE repos"))
+        conn.execute(text("CREATE TABLE repos (name VARCHAR PRIMARY KEY, remote_url VARCHAR)"))
+    engine.dispose()
+    reopened = open_for(driver, url)
+    assert [dump(r) for r in reopened.repos()] == expected
+    register(reopened, "beta")  # and it takes writes again
+    assert [r.name for r in reopened.repos()] == ["alpha", "beta"]
