@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +128,7 @@ def classify_git_error(args: Sequence[str], stderr: bytes) -> GitError:
     for prefix in ("fatal: ", "error: "):
         summary = summary.removeprefix(prefix)
     low = text.lower()
-    if "remote branch" in low and "not found" in low or "couldn't find remote ref" in low:
+    if ("remote branch" in low and "not found" in low) or "couldn't find remote ref" in low:
         return RefNotFound(summary)
     transient = any(marker in low for marker in TRANSIENT_MARKERS)
     if any(marker in low for marker in UNREACHABLE_MARKERS):
@@ -213,13 +213,6 @@ def configure_clone(git_dir: Path, credential_file: Path | None) -> None:
 
 def batch_fetch_command(git_dir: Path) -> list[str]:
     return ["git", f"--git-dir={git_dir}", *BATCH_FETCH_ARGS]
-
-
-def fetch_objects(git_dir: Path, oids: Iterable[str], *, timeout: float | None = None) -> None:
-    """Fetch many objects in one transaction (the blocking twin of the mount's async fetcher)."""
-    payload = "".join(f"{oid}\n" for oid in oids).encode()
-    if payload:
-        run_git(list(BATCH_FETCH_ARGS), git_dir=git_dir, input=payload, timeout=timeout)
 
 
 @dataclass(frozen=True)

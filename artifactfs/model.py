@@ -89,14 +89,6 @@ class RefNotFound(GitError):
     pass
 
 
-class PrepareFailed(ArtifactError):
-    pass
-
-
-class RepoNotReady(ArtifactError):
-    pass
-
-
 class BlobFetchFailed(GitError):
     pass
 

@@ -52,9 +52,8 @@ class MountProcess:
         self.nursery: trio.Nursery | None = None
 
     def mount(self) -> None:
-        options = set(pyfuse3.default_options)
-        options.discard("default_permissions")
-        options |= {f"fsname=artifactfs:{self.name}", "subtype=artifactfs", "default_permissions"}
+        # default_permissions: the kernel checks the modes we report against the caller.
+        options = set(pyfuse3.default_options) | {f"fsname=artifactfs:{self.name}", "subtype=artifactfs", "default_permissions"}
         if others_may_read():
             options.add("allow_other")  # sandboxes run as other users than mountd
         pyfuse3.init(self.fs, str(self.mount_path), options)
