@@ -223,16 +223,17 @@ class TreeFS(pyfuse3.Operations):
         walking it), the rest of the directory comes along in the same batch."""
         if not node.is_blob or node.oid is None or self.is_present(node.oid):
             return
+        assert self.hydrator is not None
         wanted = [node.oid]
         parent = self._snap().nodes.get(node.parent)
-        if parent is not None and (parent.listed or parent.misses > 0) and parent.children:
-            for inode in parent.children.values():
-                sibling = self._snap().nodes[inode]
-                if sibling.is_blob and not self.is_present(sibling.oid) and len(wanted) < SIBLING_BATCH_LIMIT:  # type: ignore[arg-type]
-                    wanted.append(sibling.oid)  # type: ignore[arg-type]
-        if parent is not None:
+        # A reader of a blob that is already on its way is not a second miss: it just waits.
+        if parent is not None and not self.hydrator.is_pending(node.oid):
+            if (parent.listed or parent.misses > 0) and parent.children:
+                for inode in parent.children.values():
+                    sibling = self._snap().nodes[inode]
+                    if sibling.is_blob and not self.is_present(sibling.oid) and len(wanted) < SIBLING_BATCH_LIMIT:  # type: ignore[arg-type]
+                        wanted.append(sibling.oid)  # type: ignore[arg-type]
             parent.misses += 1
-        assert self.hydrator is not None
         try:
             await self.hydrator.ensure(dict.fromkeys(wanted))
         except BlobFetchFailed as exc:

@@ -79,6 +79,10 @@ class Hydrator:
         self._absent[oid] = self._generation
         return False
 
+    def is_pending(self, oid: str) -> bool:
+        """Whether `oid` is queued for, or in, a batch already."""
+        return oid in self._queued or oid in self._in_flight
+
     async def run(self) -> None:
         """The batch loop: runs for the life of the mount."""
         while True:
