@@ -8,9 +8,9 @@ import shutil
 
 from .config import Settings
 from .locks import repo_lock
-from .model import ArtifactError, EventType, GitError, NewEvent, PrepareState, RepoState, StaleAttempt
-from .prepare import Preparation, current_attempt, record
-from .registry import open_registry
+from .model import ArtifactError, GitError, PrepareState, RepoState, StaleAttempt
+from .prepare import Preparation, fail_attempt
+from .registry import Registry, open_registry
 from .remotes import redact
 
 log = logging.getLogger("artifactfs.jobs")
@@ -86,15 +86,8 @@ def run_prepare_job(
         registry.close()
 
 
-def _fail(settings: Settings, registry, repo: RepoState, job_id: str, error: str) -> PrepareOutcome:  # type: ignore[no-untyped-def]
-    error = redact(error)
-    log.error("%s: preparation failed: %s", repo.name, error)
-    try:
-        record(
-            settings, registry, repo.name,
-            NewEvent(EventType.FAILED, {"error": error}, job_id=job_id, dedupe_key=f"{job_id}:failed"),
-            guard=current_attempt(repo.attempt_version),
-        )  # fmt: skip
-    except StaleAttempt:
-        return PrepareOutcome.SKIPPED
-    return PrepareOutcome.FAILED
+def _fail(settings: Settings, registry: Registry, repo: RepoState, job_id: str, error: str) -> PrepareOutcome:
+    log.error("%s: preparation failed: %s", repo.name, redact(error))
+    if fail_attempt(settings, registry, repo, error, job_id=job_id, dedupe_key=f"{job_id}:failed"):
+        return PrepareOutcome.FAILED
+    return PrepareOutcome.SKIPPED

@@ -30,6 +30,7 @@ from .model import (
     StaleAttempt,
 )
 from .registry import Registry
+from .remotes import redact
 from .wakeup import publish
 
 
@@ -61,6 +62,21 @@ def record(settings: Settings, registry: Registry, name: str, *events: NewEvent,
 
     registry.append(name, decide)
     announce(settings, name)
+
+
+def fail_attempt(
+    settings: Settings, registry: Registry, repo: RepoState, error: str, *, dedupe_key: str, job_id: str | None = None
+) -> bool:
+    """Record that `repo`'s current attempt failed (a redacted error); False if it was superseded."""
+    try:
+        record(
+            settings, registry, repo.name,
+            NewEvent(EventType.FAILED, {"error": redact(error)}, job_id=job_id, dedupe_key=dedupe_key),
+            guard=current_attempt(repo.attempt_version),
+        )  # fmt: skip
+    except StaleAttempt:
+        return False
+    return True
 
 
 def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> str:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from artifactfs.config import Settings
 from artifactfs.jobs import publish_prepare
-from artifactfs.model import EventType, NewEvent, PrepareState, RepoState, StaleAttempt, utcnow
+from artifactfs.model import PrepareState, RepoState, utcnow
 from artifactfs.mounts import is_mounted, is_stale, unmount
-from artifactfs.prepare import current_attempt, record
+from artifactfs.prepare import fail_attempt
 from artifactfs.registry import Registry
 from artifactfs.wakeup import CHANNEL
 
@@ -178,15 +178,8 @@ class MountDaemon:
         started = repo.attempt_started_at
         if started is not None and (utcnow() - started).total_seconds() > self.settings.prepare_deadline:
             error = f"preparation did not finish within {self.settings.prepare_deadline:g}s (see: artifactfs events --name {repo.name})"
-            try:
-                record(
-                    self.settings, self.registry, repo.name,
-                    NewEvent(EventType.FAILED, {"error": error}, dedupe_key=f"deadline:{repo.name}:{repo.attempt_version}"),
-                    guard=current_attempt(repo.attempt_version),
-                )  # fmt: skip
+            if fail_attempt(self.settings, self.registry, repo, error, dedupe_key=f"deadline:{repo.name}:{repo.attempt_version}"):
                 log.error("%s: %s", repo.name, error)
-            except StaleAttempt:
-                pass
             return
         if not repo.asynchronous or self._published.get(repo.name) == repo.attempt_version:
             return  # a blocking add prepares in its own process
