@@ -74,7 +74,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         repos = [registry.require(validate_name(args.name))]
     else:
         repos = registry.repos()
-    rows = [status_row(repo) for repo in repos]
+    rows = [status_row(settings, repo) for repo in repos]
     if args.json:
         print(json.dumps(rows if not args.name else rows[0], indent=2))
     else:
@@ -221,8 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = load_settings()
     try:
+        settings = load_settings()
+        # What we create (git dirs, the registry, logs, sockets) is root's alone unless the
+        # settings share git dirs with the sandboxes' users.
+        os.umask(settings.umask)
         return args.handler(args, settings)
     except ArtifactError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from .locks import repo_lock
 from .model import ArtifactError, GitError, PrepareState, RepoState, StaleAttempt
 from .prepare import Preparation, fail_attempt
 from .registry import Registry, open_registry
-from .remotes import redact
+from .remotes import redact, validate_name
 
 log = logging.getLogger("artifactfs.jobs")
 
@@ -53,6 +53,7 @@ def run_prepare_job(
     may_retry: bool = False,
     timed_out: bool = False,
 ) -> PrepareOutcome:
+    validate_name(name)  # before a lock file or a directory is derived from it
     registry = open_registry(settings.database_url)
     try:
         with repo_lock(settings.lock_file(name)):
@@ -70,7 +71,7 @@ def run_prepare_job(
                 return PrepareOutcome.READY
             except StaleAttempt:
                 if registry.get(name) is None and not repo.prepared_gitdir:
-                    shutil.rmtree(repo.git_dir, ignore_errors=True)  # removed while we cloned
+                    shutil.rmtree(settings.git_dir(name), ignore_errors=True)  # removed while we cloned
                 return PrepareOutcome.SKIPPED
             except GitError as exc:
                 if exc.transient and may_retry:

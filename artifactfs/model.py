@@ -22,6 +22,7 @@ class DisplayState(str, enum.Enum):
     PREPARING = "preparing"
     MOUNTED = "mounted"
     UNMOUNTED = "unmounted"
+    STALE = "stale"  # ready, but its mount answers "Transport endpoint is not connected"
     FAILED = "failed"
 
 
@@ -71,6 +72,25 @@ class DuplicateRepo(ArtifactError):
 
 class ConcurrencyConflict(ArtifactError):
     """Another writer appended to the same stream first (optimistic concurrency)."""
+
+
+class RegistryError(ArtifactError):
+    """The registry cannot be used: corrupt, truncated, read-only, on a full disk. The message
+    names the file or URL and what to do."""
+
+
+class RegistryBusy(RegistryError):
+    """Another writer held the registry for longer than the busy timeout, or the database server
+    is unreachable: worth retrying later (jobs do; the CLI reports it)."""
+
+
+class PrepareTimeout(ArtifactError):
+    """A prepare job ran past its time limit."""
+
+
+class MountRefused(InvalidInput):
+    """A mount path that artifactfs must never mount on (outside the allowed mount roots, inside
+    another repository's mount, a file, read-only, missing)."""
 
 
 class GitError(ArtifactError):

@@ -5,6 +5,10 @@ import errno
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 def _unescape(field: str) -> str:
@@ -50,3 +54,29 @@ def unmount(path: str | Path, *, lazy: bool = False) -> bool:
     args = ["fusermount3", "-u", "-q"] + (["-z"] if lazy else []) + [str(path)]
     subprocess.run(args, capture_output=True, check=False)
     return not is_mounted(path)
+
+
+def under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_mount_path(settings: "Settings", name: str, path: str | Path) -> Path:
+    """The mount path of repository `name`, refused unless it is <allowed mount root>/.../<name>.
+
+    Mounting (and unmounting, and creating the mount point) is done as root, so a path from the
+    registry is checked again here, after resolving symbolic links in its parent, every time.
+    """
+    from .model import MountRefused
+
+    raw = Path(path)
+    if not raw.is_absolute() or raw.name != name or ".." in raw.parts:
+        raise MountRefused(f"mount path {str(raw)!r} of {name!r} is not <mount root>/{name}")
+    parent = Path(os.path.realpath(raw.parent))
+    roots = [Path(os.path.realpath(root)) for root in settings.mount_roots]
+    if not any(under(parent, root) for root in roots):
+        allowed = ":".join(str(r) for r in settings.mount_roots)
+        raise MountRefused(
+            f"mount path {raw} is outside the allowed mount roots ({allowed}): "
+            "choose a --mount-root under one of them, or add it to ARTIFACTFS_ALLOWED_MOUNT_ROOTS"
+        )
+    return parent / name

@@ -138,7 +138,7 @@ class Preparation:
     def run(self) -> str:
         """Run every phase; return the head commit now published as READY."""
         repo = self.repo
-        git_dir = Path(repo.git_dir)
+        git_dir = self.settings.repo_git_dir(repo)
         source_ref = repo.fetch_ref or repo.ref
         self.phase(Phase.VALIDATE)
         validate_remote(repo.remote_url, source_ref, self.credential_file)
@@ -182,5 +182,5 @@ class Preparation:
 
     def _discard_temporaries(self) -> None:
         """Temporary clones of this repository left by a killed attempt (we hold its lock)."""
-        for path in glob.glob(str(self.settings.tmp_root / f"{glob.escape(Path(self.repo.git_dir).name)}.*")):
+        for path in glob.glob(str(self.settings.tmp_root / f"{glob.escape(self.settings.git_dir(self.repo.name).name)}.*")):
             shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .model import InvalidInput
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # used with fullmatch: "$" would allow a final newline
 SCHEMES = ("file", "git", "http", "https", "ssh")
 SCP_LIKE_RE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/].*|/.*)$")
 CREDENTIALS_IN_URL_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
@@ -32,7 +32,7 @@ class Remote:
 
 
 def validate_name(name: str) -> str:
-    if not name or "/" in name or ".." in name or not NAME_RE.match(name):
+    if not isinstance(name, str) or ".." in name or not NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid repository name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/' and no '..')"

@@ -21,7 +21,7 @@ from .model import (
     StaleAttempt,
     UnknownRepo,
 )
-from .mounts import is_mounted, unmount
+from .mounts import is_mounted, is_stale, unmount
 from .prepare import Preparation, announce, check_git_dir, record
 from .registry import Registry
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
@@ -195,9 +195,7 @@ def remove_repo(settings: Settings, registry: Registry, name: str) -> None:
             time.sleep(0.05)
         if is_mounted(mount_path) and not unmount(mount_path):
             unmount(mount_path, lazy=True)
-        if not repo.prepared_gitdir:  # a prepared git dir belongs to whoever made it
-            shutil.rmtree(repo.git_dir, ignore_errors=True)
-        _discard_leftovers(settings, name)
+        _discard_leftovers(settings, name)  # never a prepared git dir: it belongs to whoever made it
         try:
             mount_path.rmdir()
         except OSError:
@@ -216,20 +214,34 @@ def display_state(repo: RepoState) -> DisplayState:
         return DisplayState.PREPARING
     if state is PrepareState.FAILED:
         return DisplayState.FAILED
-    return DisplayState.MOUNTED if is_mounted(repo.mount_path) else DisplayState.UNMOUNTED
+    if not is_mounted(repo.mount_path):
+        return DisplayState.UNMOUNTED
+    return DisplayState.STALE if is_stale(repo.mount_path) else DisplayState.MOUNTED
 
 
-def status_row(repo: RepoState) -> dict[str, object]:
-    stats = hydration_stats(Path(repo.git_dir))
+def problem(repo: RepoState, state: DisplayState) -> str:
+    """What is wrong with a repository, and how to recover, in one line ('' if nothing)."""
+    if state is DisplayState.STALE:
+        return (f"the mount at {repo.mount_path} is stale (its mount process is gone): start mountd "
+                f"(artifactfs up) to remount it, or unmount it with fusermount3 -u {repo.mount_path}")
+    if state is DisplayState.FAILED:
+        return f"preparation failed: retry with artifactfs prepare --name {repo.name}"
+    return ""
+
+
+def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
+    stats = hydration_stats(settings.repo_git_dir(repo))
+    state = display_state(repo)
     return {
         "repo": repo.name,
-        "state": display_state(repo).value,
+        "state": state.value,
         "head": repo.head or "",
         "ref": repo.ref,
         "remote": repo.remote_url,
         "mount_path": repo.mount_path,
         "phase": repo.prepare_phase or "",
         "prepare_error": repo.prepare_error or "",
+        "problem": problem(repo, state),
         "hydrated_blobs": stats.blobs,
         "hydrated_bytes": stats.bytes,
     }

@@ -195,7 +195,7 @@ class MountDaemon:
     def _update_gate(self, child: MountChild, repo: RepoState) -> None:
         state = repo.state
         if state is PrepareState.READY and repo.head:
-            order = {"op": "ready", "git_dir": repo.git_dir, "head": repo.head}
+            order = {"op": "ready", "git_dir": str(self.settings.repo_git_dir(repo)), "head": repo.head}
         elif state is PrepareState.FAILED:
             order = {"op": "failed", "error": repo.prepare_error or ""}
         else:

@@ -1,7 +1,10 @@
 """Celery tasks. Arguments name a repository and an attempt, never a URL or a secret: the worker
 reads everything else from the registry. A task id is deterministic per attempt
-(`prepare:<repo>:<version of the event that began it>`), and everything a job appends carries a dedupe key, so a redelivered
-or duplicated job appends nothing twice."""
+(`prepare:<repo>:<version of the event that began it>`), and everything a job appends carries a
+dedupe key, so a redelivered or duplicated job appends nothing twice.
+
+Anyone who can reach the broker can send a task, so arguments are checked like CLI input before
+anything (a lock file, a directory) is derived from them."""
 from __future__ import annotations
 
 import logging
@@ -9,23 +12,40 @@ import logging
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from artifactfs.config import load_settings
+from artifactfs.config import Settings, load_settings
 from artifactfs.jobs import PREPARE_TASK, PrepareOutcome, run_prepare_job
+from artifactfs.model import InvalidInput
+from artifactfs.remotes import validate_name
 
 from .app import app
 
 log = logging.getLogger("artifactfs.worker")
+
+
+def check_job_arguments(settings: Settings, repo: object, attempt: object, version: object, host: object) -> str:
+    """The arguments of a prepare job, refused unless each is what mountd would send."""
+    if not isinstance(repo, str):
+        raise InvalidInput(f"refused prepare job: repo must be a name, not {type(repo).__name__}")
+    validate_name(repo)
+    for label, value in (("attempt", attempt), ("version", version)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidInput(f"refused prepare job for {repo!r}: {label} must be a positive integer, not {value!r}")
+    if host != settings.host:
+        raise InvalidInput(f"refused prepare job for {repo!r}: it is for host {host!r}, this worker serves {settings.host!r}")
+    return repo
+
 
 @app.task(name=PREPARE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> str:
     """Prepare `repo` on `host`: clone or fetch, index, publish READY. `attempt` counts attempts
     for people; `version`, the stream version that began the attempt, is what identifies it."""
     settings = load_settings()
+    name = check_job_arguments(settings, repo, attempt, version, host)
     retries_left = self.request.retries < settings.job_retries
     try:
-        outcome = run_prepare_job(settings, repo, version, job_id=self.request.id, may_retry=retries_left)
+        outcome = run_prepare_job(settings, name, version, job_id=self.request.id, may_retry=retries_left)
     except SoftTimeLimitExceeded:
-        outcome = run_prepare_job(settings, repo, version, job_id=self.request.id, timed_out=True)
+        outcome = run_prepare_job(settings, name, version, job_id=self.request.id, timed_out=True)
     if outcome is PrepareOutcome.RETRY:
         # A transient failure (connection reset, early EOF, HTTP 5xx): back off and try again.
         raise self.retry(countdown=min(2 ** self.request.retries, 60))

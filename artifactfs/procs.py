@@ -1,0 +1,74 @@
+"""Knowing a process again: pid files that hold a pid and its start time.
+
+A pid alone is not an identity: after a crash or a reboot the number may belong to anything, and a
+`down` that signals it would hit an unrelated process. A pid file here holds the pid and the
+process's start time (clock ticks since boot, from /proc/<pid>/stat); a process is "ours" only if
+both match, and it is not a zombie.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    pid: int
+    start_time: int  # field 22 of /proc/<pid>/stat: unique for the life of the boot
+
+    def __str__(self) -> str:
+        return f"{self.pid} {self.start_time}"
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after its end.
+    return raw.rsplit(")", 1)[1].split()
+
+
+def identify(pid: int) -> ProcessId | None:
+    """The identity of a running (non-zombie) process, or None."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return ProcessId(pid, int(fields[19]))
+
+
+def is_running(proc: ProcessId) -> bool:
+    """Whether the very process `proc` names still runs (same pid, same start time)."""
+    return identify(proc.pid) == proc
+
+
+def write_pid_file(path: Path, pid: int) -> ProcessId:
+    """Record `pid` with its start time, atomically (readers never see half a file)."""
+    ident = identify(pid)
+    if ident is None:
+        raise ProcessLookupError(pid)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{ident}\n")
+    os.replace(tmp, path)
+    return ident
+
+
+def read_pid_file(path: Path) -> ProcessId | None:
+    """The process a pid file names, if that very process still runs; None otherwise (a missing,
+    malformed or stale file, or a pid that now belongs to another process)."""
+    try:
+        pid_text, start_text = path.read_text().split()
+        recorded = ProcessId(int(pid_text), int(start_text))
+    except (OSError, ValueError):
+        return None
+    return recorded if is_running(recorded) else None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
