@@ -60,8 +60,53 @@ def under(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def artifactfs_mounts() -> set[Path]:
+    """Mount points of artifactfs mounts (any installation's) visible to this process."""
+    return {Path(path) for path, fstype in fuse_mounts().items() if fstype == "fuse.artifactfs"}
+
+
+def resolve_outside_mounts(path: Path, mounts: set[Path]) -> Path:
+    """`path` with symbolic links resolved, without ever looking inside an artifactfs mount.
+
+    os.path.realpath would lstat every component, and a lookup inside a gated placeholder waits
+    until its repository is ready (for ever, if the caller is the mountd that would open it).
+    So components are resolved one by one, and descending into a mount point is refused.
+    """
+    from .model import MountRefused
+
+    current = Path("/")
+    pending = list(path.parts[1:])
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        if current in mounts or any(under(current, m) for m in mounts):
+            raise MountRefused(f"{path} lies inside the artifactfs mount {_enclosing(current, mounts)}: choose a path outside every mount")
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise MountRefused(f"{path}: too many levels of symbolic links")
+            target = Path(os.readlink(candidate))
+            pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
+            if target.is_absolute():
+                current = Path("/")
+            continue
+        current = candidate
+    return current
+
+
+def _enclosing(path: Path, mounts: set[Path]) -> Path:
+    return max((m for m in mounts if under(path, m)), key=lambda m: len(m.parts), default=path)
+
+
 def check_mount_path(settings: "Settings", name: str, path: str | Path) -> Path:
-    """The mount path of repository `name`, refused unless it is <allowed mount root>/.../<name>.
+    """The mount path of repository `name`, refused unless it is <allowed mount root>/.../<name>
+    and lies inside no artifactfs mount.
 
     Mounting (and unmounting, and creating the mount point) is done as root, so a path from the
     registry is checked again here, after resolving symbolic links in its parent, every time.
@@ -71,8 +116,11 @@ def check_mount_path(settings: "Settings", name: str, path: str | Path) -> Path:
     raw = Path(path)
     if not raw.is_absolute() or raw.name != name or ".." in raw.parts:
         raise MountRefused(f"mount path {str(raw)!r} of {name!r} is not <mount root>/{name}")
-    parent = Path(os.path.realpath(raw.parent))
-    roots = [Path(os.path.realpath(root)) for root in settings.mount_roots]
+    mounts = artifactfs_mounts()
+    parent = resolve_outside_mounts(raw.parent, mounts)
+    if parent in mounts or any(under(parent, m) for m in mounts):
+        raise MountRefused(f"mount path {raw} lies inside the artifactfs mount {_enclosing(parent, mounts)}: choose a --mount-root outside every mount")
+    roots = [resolve_outside_mounts(root, mounts) for root in settings.mount_roots]
     if not any(under(parent, root) for root in roots):
         allowed = ":".join(str(r) for r in settings.mount_roots)
         raise MountRefused(

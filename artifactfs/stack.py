@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import Settings
 from .model import ArtifactError
+from .procs import read_pid_file, write_pid_file
 from .wakeup import ping
 
 START_TIMEOUT_SECONDS = 60.0
@@ -85,12 +86,8 @@ def _pid_file(settings: Settings, name: str) -> Path:
 
 
 def running_pid(settings: Settings, name: str) -> int | None:
-    try:
-        pid = int(_pid_file(settings, name).read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
+    proc = read_pid_file(_pid_file(settings, name))
+    return proc.pid if proc is not None else None
 
 
 def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> Iterator[str]:
@@ -114,7 +111,7 @@ def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> 
                 service.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env=service.env,
             )  # fmt: skip
-        _pid_file(settings, service.name).write_text(f"{proc.pid}\n")
+        write_pid_file(_pid_file(settings, service.name), proc.pid)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not service.ready():
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -1,9 +1,13 @@
 """One FUSE session: the process mountd starts for each mount (pyfuse3 allows one per process).
 
-It mounts a gated placeholder at once and takes orders from mountd, one JSON object per line on
-stdin: {"op": "ready", "git_dir": ..., "head": ...} opens the gate on that commit,
-{"op": "failed", "error": ...} makes every operation fail with EIO, {"op": "reset"} closes the gate
-again (a new preparation attempt). EOF on stdin, SIGTERM or SIGINT unmount and exit.
+It starts as a warm spare (imports done), mounts a gated placeholder on mountd's first order, then
+takes orders on a control socket of its own (mountd/control.py): {"op": "ready", ...} opens the
+gate on a commit, {"op": "failed", ...} makes every operation fail with EIO, {"op": "reset"} closes
+the gate again, {"op": "unmount"} ends the session.
+
+It does not depend on mountd once mounted: it runs in a session of its own and keeps serving when
+mountd exits, crashes or restarts, and the next mountd finds it by its pid file and socket under
+<root>/run/mounts and adopts it. SIGTERM, SIGINT or an unmount (fusermount3 -u) end it.
 """
 from __future__ import annotations
 
@@ -12,22 +16,30 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
+from artifactfs.config import Settings, load_settings
 from artifactfs.fs import TreeFS
 from artifactfs.gate import Gate
 from artifactfs.gitstore import git_env
 from artifactfs.hydrator import FetchStats, Hydrator
+from artifactfs.mounts import check_mount_path
+from artifactfs.procs import read_pid_file, write_pid_file
+from artifactfs.remotes import validate_name
+from mountd import control
 
 log = logging.getLogger("artifactfs.mount")
 
 # Operations waiting at a closed gate each hold a pyfuse3 worker task; keep plenty so that the
 # operations that never wait (root getattr, statfs, release) are always served.
 MAX_TASKS = 4096
+STOP_GRACE_SECONDS = 2.0
 
 
 def others_may_read() -> bool:
@@ -42,10 +54,11 @@ def others_may_read() -> bool:
 
 
 class MountProcess:
-    def __init__(self, name: str, mount_path: Path, stats_file: Path | None) -> None:
+    def __init__(self, settings: Settings, name: str, mount_path: Path) -> None:
+        self.settings = settings
         self.name = name
         self.mount_path = mount_path
-        self.stats_file = stats_file
+        self.stats_file = settings.stats_file(name)
         self.gate = Gate()
         self.fs = TreeFS(self.gate, fsname=f"artifactfs:{name}")
         self.shown: tuple[str, str] | None = None
@@ -58,10 +71,10 @@ class MountProcess:
             options.add("allow_other")  # sandboxes run as other users than mountd
         pyfuse3.init(self.fs, str(self.mount_path), options)
 
-    async def serve(self) -> None:
+    async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._orders)
+            nursery.start_soon(self._control, trio.socket.from_stdlib_socket(listener))
             nursery.start_soon(self._signals)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
@@ -70,36 +83,93 @@ class MountProcess:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("%s: signal %d, unmounting", self.name, signum)
-                pyfuse3.terminate()
+                await self._stop()
                 return
 
-    async def _orders(self) -> None:
-        stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async def _stop(self) -> None:
+        """End the session. pyfuse3.main returns only once every handler has: callers waiting at
+        the gate get EIO, and whatever still hangs after a grace period (a fetch) is cancelled."""
+        self.gate.fail("the mount is going away")
+        pyfuse3.terminate()
+        await trio.sleep(STOP_GRACE_SECONDS)
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    async def _control(self, listener: trio.socket.SocketType) -> None:
+        """Accept mountd's connections (the one that started us, or a later one adopting us)."""
+        assert self.nursery is not None
+        while True:
+            conn, _ = await listener.accept()
+            self.nursery.start_soon(self._converse, conn)
+
+    async def _converse(self, conn: trio.socket.SocketType) -> None:
+        """One control connection. Whatever goes wrong here ends this connection, never the mount."""
+        try:
+            peer = control.peer_credentials(conn)  # type: ignore[arg-type]
+            if peer.uid != os.getuid():
+                log.warning("%s: refused a control connection from uid %d (pid %d)", self.name, peer.uid, peer.pid)
+                conn.close()
+                return
+            async with trio.SocketStream(conn) as stream:
+                await self._take_orders(stream)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # that mountd went away: keep serving, the next one connects anew
+        except Exception as exc:
+            log.error("%s: control connection failed: %s: %s", self.name, type(exc).__name__, exc)
+
+    async def _take_orders(self, stream: trio.SocketStream) -> None:
         buffer = b""
         while True:
             chunk = await stream.receive_some(65536)
             if not chunk:
-                log.info("%s: mountd went away, unmounting", self.name)
-                pyfuse3.terminate()
                 return
             buffer += chunk
+            if len(buffer) > control.MAX_LINE:
+                return
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                if line.strip():
-                    self.obey(json.loads(line))
+                reply = self.obey(line)
+                await stream.send_all(control.encode(reply))
+                if reply.get("unmounting"):
+                    assert self.nursery is not None
+                    self.nursery.start_soon(self._stop)
+                    return
 
-    def obey(self, order: dict[str, str]) -> None:
-        op = order["op"]
-        if op == "ready":
-            self._show(Path(order["git_dir"]), order["head"])
-            self.gate.open()
-        elif op == "failed":
-            self.gate.fail(order.get("error", ""))
-        elif op == "reset":
-            self.gate.close()
-        else:
-            log.warning("%s: unknown order %r", self.name, op)
-        log.info("%s: gate %s", self.name, self.gate.state.value)
+    def obey(self, line: bytes) -> dict[str, Any]:
+        """Carry out one order; the reply says whether it worked, and what this process shows."""
+        try:
+            order = control.decode(line)
+            op = order.get("op")
+            if op == "hello":
+                pass
+            elif op == "ready":
+                self._show(Path(order["git_dir"]), str(order["head"]))
+                self.gate.open()
+            elif op == "failed":
+                self.gate.fail(str(order.get("error", "")))
+            elif op == "reset":
+                self.gate.close()
+            elif op == "unmount":
+                log.info("%s: unmounting on mountd's order", self.name)
+                return {"ok": True, "unmounting": True, **self.describe()}
+            else:
+                return {"ok": False, "error": f"unknown order {op!r}"}
+        except Exception as exc:  # a bad order or a broken git dir costs this order, not the mount
+            log.error("%s: order failed: %s: %s", self.name, type(exc).__name__, exc)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if op != "hello":
+            log.info("%s: gate %s", self.name, self.gate.state.value)
+        return {"ok": True, **self.describe()}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mount_path": str(self.mount_path),
+            "pid": os.getpid(),
+            "gate": self.gate.state.value,
+            "git_dir": self.shown[0] if self.shown else None,
+            "head": self.shown[1] if self.shown else None,
+        }
 
     def _show(self, git_dir: Path, head: str) -> None:
         if self.shown == (str(git_dir), head):
@@ -119,44 +189,72 @@ class MountProcess:
         self.shown = (str(git_dir), head)
 
     def _write_stats(self, stats: FetchStats) -> None:
-        if self.stats_file is None:
-            return
         tmp = self.stats_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(stats.__dict__))
         os.replace(tmp, self.stats_file)
 
 
+def _await_mount_order() -> dict[str, Any] | None:
+    """As a warm spare: say the imports are done, then wait for mountd's mount order."""
+    try:
+        print("ready", flush=True)
+    except BrokenPipeError:
+        return None  # the mountd that started us is gone
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None  # mountd went away before it needed this spare
+    order = control.decode(line)
+    if order.get("op") != "mount":
+        raise ValueError(f"expected a mount order, got {order.get('op')!r}")
+    return order
+
+
+def _detach_from_mountd() -> None:
+    """Once mounted, nothing ties us to the mountd that started us: not its pipes (their end
+    must not end us) and not its session (we were started in a session of our own)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start as a warm spare: imports done, wait for the first order, {"op": "mount", ...}.
 
-    mountd keeps one spare ready, so mounting a placeholder costs milliseconds, not the half a
+    mountd keeps spares ready, so mounting a placeholder costs milliseconds, not the half a
     second that starting Python and importing pyfuse3, trio and pygit2 take here.
     """
     parser = argparse.ArgumentParser(prog="artifactfs-mount")
     parser.add_argument("--log-level", default=os.environ.get("ARTIFACTFS_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    print("ready", flush=True)  # imports done: mountd can count on this spare
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 0  # mountd went away before it needed this spare
-    order = json.loads(line)
-    assert order["op"] == "mount", order
-    name = order["name"]
+    order = _await_mount_order()
+    if order is None:
+        return 0
+    settings = load_settings()
+    name = validate_name(str(order.get("name")))
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s mount[{name}] %(levelname)s %(message)s")
-    stats_file = Path(order["stats_file"]) if order.get("stats_file") else None
-    proc = MountProcess(name, Path(order["mount_path"]), stats_file)
+    mount_path = check_mount_path(settings, name, str(order.get("mount_path")))
+    settings.repo_state_dir(name).mkdir(parents=True, exist_ok=True)
+    proc = MountProcess(settings, name, mount_path)
     try:
         proc.mount()
     except RuntimeError as exc:
-        log.error("%s: cannot mount at %s: %s", name, order["mount_path"], exc)
+        log.error("%s: cannot mount at %s: %s", name, mount_path, exc)
         return 1
-    if stats_file is not None:
-        (stats_file.parent / "mount.pid").write_text(f"{os.getpid()}\n")  # for operators and tests
-    print("mounted", flush=True)
+    socket_path, pid_file = settings.mount_socket(name), settings.mount_pid_file(name)
+    me = None
     try:
-        trio.run(proc.serve)
+        listener = control.listen(socket_path)
+        me = write_pid_file(pid_file, os.getpid())
+        print("mounted", flush=True)
+        _detach_from_mountd()
+        trio.run(proc.serve, listener)
     finally:
         pyfuse3.close(unmount=True)
+        # Leave the socket and pid file alone if a successor already took them over.
+        if read_pid_file(pid_file) in (None, me):
+            pid_file.unlink(missing_ok=True)
+            socket_path.unlink(missing_ok=True)
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts, unmount
+from artifactfs.procs import is_running, read_pid_file
 
 from .gitremote import GitDaemon, SampleRepo, make_sample_repo
 
@@ -126,7 +127,7 @@ class Artifactfs:
         return int(self.env["ARTIFACTFS_FLOWER_PORT"])
 
     def service_pid(self, name: str) -> int:
-        return int((self.root / "run" / f"{name}.pid").read_text())
+        return int((self.root / "run" / f"{name}.pid").read_text().split()[0])
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Signal one service of the stack and wait until its process is gone."""
@@ -170,11 +171,16 @@ class Artifactfs:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        # Whatever is still mounted under this installation is a leak from a failed test.
+        # Mount processes outlive mountd by design: take down what this installation mounted.
         for path in fuse_mounts():
-            if path.startswith(str(self.root)):
+            if path.startswith((f"{self.root}/", f"{self.mount_root}/")):
                 if not unmount(path):
                     unmount(path, lazy=True)
+        for pid_file in (self.root / "run" / "mounts").glob("*.pid"):
+            proc = read_pid_file(pid_file)
+            if proc is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+                wait_until(lambda: not is_running(proc), 10, what=f"mount process {proc.pid} to exit")
 
 
 def new_installation(base: Path) -> Artifactfs:

@@ -266,13 +266,12 @@ def test_mountd_restarted_mid_prepare(stack: Artifactfs, slow: tuple[GitDaemon, 
     daemon, sample = slow
     daemon.set_delay(3.0)
     add_async(afs, "restart", daemon.url("slow.git"))
-    afs.wait_mounted("restart")
-    afs.wait_phase("restart", "clone", timeout=20)
-    afs.stop_service("mountd")
-    afs.wait_unmounted("restart")
-    afs.up()  # mountd again: the placeholder comes back, still gated
     mnt = afs.wait_mounted("restart")
-    listing = Blocked(lambda: os.listdir(mnt))
+    afs.wait_phase("restart", "clone", timeout=20)
+    listing = Blocked(lambda: os.listdir(mnt))  # waits at the gate across the restart
+    afs.stop_service("mountd")
+    assert str(mnt) in fuse_mounts() and listing.blocked  # the placeholder stays, still gated
+    afs.up()  # mountd again: it adopts the placeholder and opens its gate once the clone lands
     afs.wait_state("restart", "mounted", timeout=60)
     assert "README.md" in listing.join()  # type: ignore[operator]
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
@@ -282,11 +281,10 @@ def test_failed_stays_failed_across_mountd_restart(stack: Artifactfs, tmp_path: 
     afs = stack
     add_async(afs, "broken", f"file://{tmp_path / 'missing.git'}")
     afs.wait_state("broken", "failed")
-    afs.stop_service("mountd")
-    afs.wait_unmounted("broken")
+    afs.stop_service("mountd", signal.SIGKILL)
     afs.up()
-    mnt = afs.wait_mounted("broken")
-    time.sleep(0.5)
+    wait_until(lambda: "broken: adopted mount process" in afs.log("mountd"), 30, what="mountd to adopt the mount")
+    mnt = afs.mount_path("broken")
     with pytest.raises(OSError) as info:
         os.listdir(mnt)
     assert info.value.errno == errno.EIO

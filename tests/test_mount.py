@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from artifactfs.procs import read_pid_file
 
 from .conftest import Artifactfs, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, make_many_files_repo, make_sample_repo
@@ -194,23 +197,33 @@ def test_concurrent_readers_share_one_fetch(afs: Artifactfs, git_daemon: GitDaem
     assert git_daemon.fetch_count() == 1
 
 
-def test_daemon_restart_remounts_with_hydrated_blobs_kept(afs: Artifactfs, git_daemon: GitDaemon) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["upgrade", "crash"])
+def test_mounts_outlive_mountd_and_the_next_one_adopts_them(afs: Artifactfs, git_daemon: GitDaemon, sig: int) -> None:
     sample = make_sample_repo(git_daemon.base, "restart")
     afs.add("restart", git_daemon.url("restart.git"))
     daemon = afs.start_daemon()
     mnt = afs.wait_mounted("restart")
     assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
+    server = mount_process_pid(afs, "restart")
     hydrated = afs.status("restart")["hydrated_blobs"]
-    assert afs.stop_daemon(daemon) == 0
-    afs.wait_unmounted("restart")
-    assert afs.status("restart")["state"] == "unmounted"
+    afs.stop_daemon(daemon, sig=sig)
+    # No mountd now: the mount keeps serving, hydrated and unhydrated files alike.
+    assert afs.status("restart")["state"] == "mounted"
+    assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
     git_daemon.set_broken(True)  # what was hydrated must come from local objects alone
     git_daemon.reset_count()
     afs.start_daemon("mountd2.log")
-    afs.wait_mounted("restart")
+    adopted = lambda: "adopted mount process" in (afs.root / "mountd2.log").read_text()  # noqa: E731
+    wait_until(adopted, what="the new mountd to adopt the mount")
+    assert mount_process_pid(afs, "restart") == server  # the same process: adopted, not replaced
     assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
-    assert afs.status("restart")["hydrated_blobs"] == hydrated
+    assert afs.status("restart")["hydrated_blobs"] == hydrated + 1
     assert git_daemon.fetch_count() == 0
+    # Adopted means supervised again: removal takes the mount down through it.
+    afs.run("remove-repo", "--name", "restart")
+    afs.wait_unmounted("restart")
+    wait_until(lambda: mount_process_pid(afs, "restart") is None, what="the mount process to exit")
 
 
 def test_daemon_follows_adds_and_removes(afs: Artifactfs, sample: SampleRepo) -> None:
@@ -233,12 +246,8 @@ def readable(path: Path) -> bool:
 
 def mount_process_pid(afs: Artifactfs, name: str) -> int | None:
     """The live FUSE server of mount `name`, from the pid file it writes."""
-    try:
-        pid = int((afs.root / "state" / name / "mount.pid").read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
+    proc = read_pid_file(afs.root / "run" / "mounts" / f"{name}.pid")
+    return proc.pid if proc is not None else None
 
 
 def test_a_crashed_mount_process_is_replaced(afs: Artifactfs, sample: SampleRepo) -> None:
