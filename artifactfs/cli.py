@@ -6,54 +6,85 @@ every command pays only for what it uses.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from .config import Settings, load_settings
-from .model import ArtifactError
+from .model import ArtifactError, InvalidInput
+from .remotes import escaped, printable, redact, unprintable
 
 if TYPE_CHECKING:
     from .registry import Registry
 
 PROG = "artifactfs"
+USAGE_ERROR = 2
+MAX_REMOTE_LENGTH = 8192
+
+log = logging.getLogger("artifactfs.cli")
+_opened: list["Registry"] = []  # closed when the command ends: the last one out tidies the WAL
 
 
 def open_registry(settings: Settings) -> "Registry":
     from .registry import open_registry
 
     settings.ensure_dirs()
-    return open_registry(settings.database_url)
+    registry = open_registry(settings.database_url, busy_timeout=settings.db_busy_timeout)
+    _opened.append(registry)
+    return registry
+
+
+def read_remote(stdin: TextIO) -> str:
+    """`--remote -`: the remote URL from standard input, one line, so that a token in it never
+    appears on a command line (`ps` shows those to every local user). Not echoed on a terminal."""
+    if stdin.isatty():
+        return getpass.getpass("remote URL (not shown): ")
+    line = stdin.readline(MAX_REMOTE_LENGTH + 1)
+    if len(line) > MAX_REMOTE_LENGTH:
+        raise InvalidInput(f"--remote -: the first line of standard input is longer than {MAX_REMOTE_LENGTH} characters")
+    line = line.removesuffix("\n").removesuffix("\r")
+    if not line:
+        raise InvalidInput("--remote -: standard input holds no remote: write the URL on its first line")
+    return line
 
 
 # --- commands ---
 
 
 def cmd_add_repo(args: argparse.Namespace, settings: Settings) -> int:
+    from .remotes import validate_name
     from .repos import add_repo, add_repo_async, parse_add_request
 
+    validate_name(args.name)
+    remote = read_remote(sys.stdin) if args.remote == "-" else args.remote
+    registry = open_registry(settings)
     req = parse_add_request(
-        settings, args.name, args.remote, args.ref, args.mount_root,
+        settings, registry, args.name, remote, args.ref, args.mount_root,
         prepared_gitdir=args.prepared_gitdir, git_dir=args.git_dir, fetch_ref=args.fetch_ref,
     )  # fmt: skip
     if args.asynchronous:
-        add_repo_async(settings, open_registry(settings), req)
+        add_repo_async(settings, registry, req)
         print(f"queued {req.name}")
     else:
-        add_repo(settings, open_registry(settings), req)
+        add_repo(settings, registry, req)
         print(f"added {req.name}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    from .remotes import validate_name
     from .repos import request_prepare
 
-    attempt = request_prepare(settings, open_registry(settings), args.name)
-    print(f"queued {args.name} (attempt {attempt})")
+    request = request_prepare(settings, open_registry(settings), validate_name(args.name))
+    if request.head is None:
+        print(f"queued {args.name} (attempt {request.attempt})")
+    else:
+        print(f"prepared {args.name} (attempt {request.attempt}, head {request.head})")
     return 0
 
 
@@ -69,14 +100,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from .remotes import validate_name
     from .repos import status_row
 
+    if args.name is not None:
+        validate_name(args.name)
     registry = open_registry(settings)
-    if args.name:
-        repos = [registry.require(validate_name(args.name))]
+    if args.name is not None:
+        repos = [registry.require(args.name)]
     else:
         repos = registry.repos()
     rows = [status_row(settings, repo) for repo in repos]
     if args.json:
-        print(json.dumps(rows if not args.name else rows[0], indent=2))
+        print(json.dumps(rows if args.name is None else rows[0], indent=2))
     else:
         for row in rows:
             print(" ".join(f"{key}={shlex.quote(str(value)) if value != '' else ''}" for key, value in row.items()))
@@ -84,8 +117,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_remove_repo(args: argparse.Namespace, settings: Settings) -> int:
+    from .remotes import validate_name
     from .repos import remove_repo
 
+    validate_name(args.name)
     remove_repo(settings, open_registry(settings), args.name)
     print(f"removed {args.name}")
     return 0
@@ -157,7 +192,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error (argparse prints the whole usage)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+        self.exit(USAGE_ERROR, f"{PROG}: error: {printable(redact(message))} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Mount Git repositories as lazily hydrated working trees.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("ARTIFACTFS_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=os.environ.get("ARTIFACTFS_LOG_LEVEL", "WARNING"), type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace, Settings], int], help: str) -> argparse.ArgumentParser:
@@ -176,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("add-repo", cmd_add_repo, "register a repository and prepare it (blobless clone)")
     p.add_argument("--name", required=True, help="name of the repository and of its mount directory")
-    p.add_argument("--remote", required=True, help="file://, git://, http(s)://, ssh:// URL or user@host:path")
+    p.add_argument("--remote", required=True,
+                   help="file://, git://, http(s):// or ssh:// URL, user@host:path or an absolute path; "
+                        "'-' reads it from standard input (keeps a token off the command line)")
     p.add_argument("--ref", default="refs/heads/main", help="branch or tag to mount (default: refs/heads/main)")
     p.add_argument("--mount-root", help="directory to mount under (default: $ARTIFACTFS_MOUNT_ROOT or <root>/mnt)")
     p.add_argument("--async", dest="asynchronous", action="store_true",
@@ -217,10 +255,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def unprintable_argument(argv: Sequence[str]) -> str | None:
+    """An error naming the first argument that holds a control character, or None.
+
+    Checked before argparse, which echoes values in its errors. Only the character is shown,
+    escaped: the value may hold a secret (a URL with a token).
+    """
+    for index, arg in enumerate(argv):
+        char = unprintable(arg)
+        if char is None:
+            continue
+        flag, sep, _ = arg.partition("=")
+        if arg.startswith("--") and sep and unprintable(flag) is None:
+            what = f"the value of {flag}"
+        elif index > 0 and argv[index - 1].startswith("-") and "=" not in argv[index - 1]:
+            what = f"the value of {printable(argv[index - 1])}"
+        else:
+            what = "it"
+        return (
+            f"argument {index + 1} ({what}) contains the control character {escaped(char)} "
+            f"(U+{ord(char):04X}): remove it"
+        )
+    return None
+
+
+def report(message: str) -> None:
+    """An error as one line on stderr: secrets redacted, control characters escaped."""
+    print(f"{PROG}: error: {printable(redact(message))}", file=sys.stderr)
+
+
+def describe_os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}: check the path, its permissions and free space, and retry"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    problem = unprintable_argument(argv)
+    if problem is not None:
+        report(f"{problem} (see: {PROG} --help)")
+        return USAGE_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = load_settings()
         # What we create (git dirs, the registry, logs, sockets) is root's alone unless the
@@ -228,11 +305,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.umask(settings.umask)
         return args.handler(args, settings)
     except ArtifactError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        report(str(exc))
+        return 1
+    except OSError as exc:
+        report(describe_os_error(exc))
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line; --log-level DEBUG shows where
+        log.debug("unexpected error", exc_info=True)
+        report(f"internal error: {type(exc).__name__}: {exc} (run with --log-level DEBUG for details)")
+        return 1
+    finally:
+        while _opened:
+            try:
+                _opened.pop().close()
+            except Exception:  # closing is tidying up: it must not hide the command's outcome
+                pass
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from .credentials import Credential, helper_command, write_credential_file
 from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
 from .remotes import Remote, redact
 
@@ -66,8 +68,9 @@ def git_env(credential_file: Path | None = None, base: dict[str, str] | None = N
     """Environment for every git process we start.
 
     Never prompt (GIT_TERMINAL_PROMPT=0, ssh in batch mode, unless the user set their own ssh
-    command). Credentials, when a repository has any, come from git's store helper reading a
-    root-only file: they never appear on a command line, in the registry or in a log.
+    command). Credentials, when a repository has any, come from our own helper reading a
+    root-only file (see credentials.py): they never appear on a command line, in the registry or
+    in a log. Without them, git asks the helpers configured for root, as it always does.
     """
     env = dict(os.environ if base is None else base)
     env["GIT_TERMINAL_PROMPT"] = "0"
@@ -82,7 +85,7 @@ def git_env(credential_file: Path | None = None, base: dict[str, str] | None = N
             GIT_CONFIG_KEY_0="credential.helper",
             GIT_CONFIG_VALUE_0="",
             GIT_CONFIG_KEY_1="credential.helper",
-            GIT_CONFIG_VALUE_1=f"store --file={credential_file}",
+            GIT_CONFIG_VALUE_1=helper_command(credential_file),
         )
     return env
 
@@ -137,18 +140,11 @@ def classify_git_error(args: Sequence[str], stderr: bytes) -> GitError:
 
 
 def store_credentials(remote: Remote, credential_file: Path) -> None:
-    """Hand inline credentials to git's store helper: a 0600 file only root reads."""
-    from urllib.parse import urlsplit
-
+    """Keep inline credentials where only our helper reads them: a 0600 file of root's."""
     parts = urlsplit(remote.url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    credential_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(credential_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    description = f"protocol={parts.scheme}\nhost={host}\nusername={remote.username}\npassword={remote.password}\n\n"
-    run_git(["credential-store", f"--file={credential_file}", "store"], input=description.encode())
+    host = parts.netloc.rpartition("@")[2]  # host[:port] as git will ask for it
+    credential = Credential(parts.scheme, host, remote.username or "", remote.password or "")
+    write_credential_file(credential_file, credential)
 
 
 def short_ref(ref: str) -> str:
@@ -207,8 +203,18 @@ def configure_clone(git_dir: Path, credential_file: Path | None) -> None:
     for key, value in settings:
         run_git(["config", key, value], git_dir=git_dir)
     if credential_file is not None:
-        run_git(["config", "--add", "credential.helper", ""], git_dir=git_dir)
-        run_git(["config", "--add", "credential.helper", f"store --file={credential_file}"], git_dir=git_dir)
+        configure_credential_helper(git_dir, credential_file)
+
+
+def configure_credential_helper(git_dir: Path, credential_file: Path) -> None:
+    """Make the clone's own fetches (the mount's lazy ones, run as root) ask our helper only.
+
+    An empty value first resets the helper list, so no helper of root's answers (or erases) for
+    this repository. Replaces whatever an older version configured (git's store helper).
+    """
+    run_git(["config", "--unset-all", "credential.helper"], git_dir=git_dir, check=False)
+    run_git(["config", "--add", "credential.helper", ""], git_dir=git_dir)
+    run_git(["config", "--add", "credential.helper", helper_command(credential_file)], git_dir=git_dir)
 
 
 def batch_fetch_command(git_dir: Path) -> list[str]:

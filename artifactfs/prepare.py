@@ -169,8 +169,8 @@ class Preparation:
         env = git_env(self.credential_file)
         promisor = run_git(["config", "--get", "remote.origin.promisor"], git_dir=git_dir, env=env, check=False)
         # Keep a partial clone partial: fetch through its promisor remote, without blobs.
-        source = ["--filter=blob:none", "origin"] if promisor.stdout.strip() == b"true" else [repo.remote_url]
-        run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *source, source_ref], git_dir=git_dir, env=env)
+        options, source = (["--filter=blob:none"], "origin") if promisor.stdout.strip() == b"true" else ([], repo.remote_url)
+        run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *options, "--", source, source_ref], git_dir=git_dir, env=env)
         head = run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
         self.phase(Phase.UPDATE_BRANCH)
         run_git(["update-ref", repo.ref, head], git_dir=git_dir)

@@ -35,7 +35,9 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
         repo.prepare_attempt = int(p.get("attempt", repo.prepare_attempt + 1))
         repo.attempt_started_at = ev.created_at
         repo.attempt_version = ev.version
-        repo.asynchronous = True  # a retry is always a worker's job
+        # A worker prepares it, unless the attempt runs in the process that asked for it (a
+        # repository with inline credentials: no background job may hold them).
+        repo.asynchronous = bool(p.get("asynchronous", True))
     elif kind is EventType.PHASE:
         repo.prepare_phase = p["phase"]
     elif kind is EventType.READY:

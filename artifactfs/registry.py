@@ -13,11 +13,19 @@ Two drivers serve the same tables (defined once, as SQLModel tables, in tables.p
   these machines, which a CLI that must answer in milliseconds cannot pay on every call.
 - Any other URL (PostgreSQL for a fleet) through SQLAlchemy on the SQLModel tables.
 The append algorithm and the projection are shared; a driver only moves rows.
+
+Both drivers turn their database errors into the named errors of model.py, each message naming
+the file or (redacted) URL and what to do: RegistryBusy for what is worth retrying (locked for
+longer than the busy timeout, a server that does not answer), RegistryError for what is not
+(corrupt, read-only, full disk).
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
+import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -25,10 +33,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from .model import ConcurrencyConflict, EventRecord, NewEvent, RepoState, UnknownRepo, utcnow
+from .model import (
+    ConcurrencyConflict,
+    EventRecord,
+    NewEvent,
+    RegistryBusy,
+    RegistryError,
+    RepoState,
+    UnknownRepo,
+    utcnow,
+)
 from .projection import apply_event, fold
+from .remotes import redact
 
 REPO_COLUMNS = tuple(f.name for f in fields(RepoState))
 EVENT_COLUMNS = tuple(f.name for f in fields(EventRecord))
@@ -258,22 +278,154 @@ class SqliteTx(Tx):
         return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
 
 
+def _write_protected(path: Path) -> str | None:
+    """Why the registry at `path` must not be written, or None.
+
+    Root writes whatever it likes, so for root the write bits are honoured as what they mean to
+    an operator (as rm and editors do): a registry or directory no one may write is frozen. A
+    read-only file system refuses everyone (os.access says so even for root).
+    """
+    for target, what in ((path, "the file"), (path.parent, "its directory")):
+        try:
+            mode = os.stat(target).st_mode
+        except FileNotFoundError:
+            continue
+        if not os.access(target, os.W_OK):
+            return f"{what} is not writable"
+        if not mode & 0o222:
+            return f"{what} is write-protected (mode {stat.S_IMODE(mode):04o})"
+    return None
+
+
+def _tighten(path: Path) -> None:
+    """The registry and its -wal/-shm files are root's alone (0600): an older version, or a
+    permissive umask, left them readable by everyone. Only bits are removed, never added, so a
+    write-protected registry stays write-protected."""
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.stat(file, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & ~0o600:
+                os.chmod(file, stat.S_IMODE(st.st_mode) & 0o600)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            continue  # a read-only file system: nothing to tighten there, and it is not ours to fix
+
+
+# Primary SQLite result codes (the low byte of an extended one).
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT = 5, 6, 8, 10, 11
+SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 13, 14, 26
+
+
+def sqlite_failure(exc: sqlite3.Error, path: Path, busy_timeout: float, read_only: str | None = None) -> RegistryError:
+    """The named error, with what to do, for what SQLite reported about the registry at `path`."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (SQLITE_BUSY, SQLITE_LOCKED):
+        return RegistryBusy(
+            f"the registry {path} stayed locked by another process for more than {busy_timeout:g}s: "
+            "retry, or give writers longer with ARTIFACTFS_DB_BUSY_TIMEOUT"
+        )
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return RegistryError(
+            f"the registry {path} is damaged ({exc}): restore it from a backup, or move it aside "
+            "to start an empty registry (then add the repositories again)"
+        )
+    if code == SQLITE_READONLY or (read_only and code == SQLITE_CANTOPEN):
+        why = f" ({read_only})" if read_only else ""
+        return RegistryError(
+            f"the registry {path} is read-only{why}: make it and its directory writable "
+            f"(chmod u+w {path} {path.parent}) and retry"
+        )
+    if code == SQLITE_FULL or (code == SQLITE_IOERR and _disk_full(path)):
+        return RegistryError(f"cannot write the registry {path}: its file system is full: free some space and retry")
+    if code == SQLITE_CANTOPEN:
+        return RegistryError(
+            f"cannot open the registry {path}: it must be a file in a directory that exists "
+            "(check ARTIFACTFS_ROOT or ARTIFACTFS_DATABASE_URL)"
+        )
+    return RegistryError(f"the registry {path} cannot be used: {exc}")
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < 64 * 1024
+
+
 class SqliteRegistry(Registry):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
         self.url = url
         self.path = url.removeprefix("sqlite:///")
+        self.busy_timeout = busy_timeout
         self._lock = threading.RLock()
-        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA busy_timeout=60000")
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='repos'").fetchone():
-            from .tables import create_schema  # first use of this database only
+        file = Path(self.path)
+        self.read_only = _write_protected(file)
+        with self._errors():
+            if self.read_only is None:
+                self._create(file)
+                _tighten(file)
+            self.conn = self._connect(file)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            if self.read_only is None:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+            if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='repos'").fetchone():
+                self._create_schema()
+            if self._projection_columns() != set(REPO_COLUMNS):
+                self._migrate_projection()
 
-            create_schema(url)
-        if self._projection_columns() != set(REPO_COLUMNS):
-            self._migrate_projection()
+    @staticmethod
+    def _create(file: Path) -> None:
+        """Create a missing registry 0600 ourselves: SQLite would follow the umask."""
+        try:
+            os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise sqlite3.OperationalError("database or disk is full") from None
+            raise sqlite3.OperationalError(f"unable to open database file: {exc.strerror}") from None
+
+    def _connect(self, file: Path) -> sqlite3.Connection:
+        if self.read_only is None:
+            return sqlite3.connect(file, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        # Read-only: reads still work, writes fail with a clear error. With no write-ahead log
+        # left over the file alone is the whole database: open it immutable, so that SQLite
+        # creates nothing next to it (no -shm) where nothing may be written.
+        wal = Path(f"{file}-wal")
+        flags = "mode=ro" if wal.exists() and wal.stat().st_size else "mode=ro&immutable=1"
+        return sqlite3.connect(
+            f"file:{quote(str(file))}?{flags}", uri=True, timeout=self.busy_timeout, isolation_level=None,
+            check_same_thread=False,
+        )  # fmt: skip
+
+    def _create_schema(self) -> None:
+        if self.read_only is not None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        from sqlalchemy.exc import DBAPIError
+
+        from .tables import create_schema  # first use of this database only
+
+        try:
+            create_schema(self.url)
+        except DBAPIError as exc:
+            if isinstance(exc.orig, sqlite3.Error):
+                raise exc.orig from None
+            raise
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite's errors as the named ones; IntegrityError stays itself (a version clash,
+        which `append` retries)."""
+        try:
+            yield
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise sqlite_failure(exc, Path(self.path), self.busy_timeout, self.read_only) from None
 
     def _projection_columns(self) -> set[str]:
         return {row[1] for row in self.conn.execute("PRAGMA table_info(repos)")}
@@ -298,23 +450,34 @@ class SqliteRegistry(Registry):
     def _write(self) -> Iterator[SqliteTx]:
         # IMMEDIATE: take the write lock before reading, so a read-then-append never has to
         # upgrade a shared lock (which SQLite answers with SQLITE_BUSY at once, timeout or not).
-        with self._lock:
+        with self._lock, self._errors():
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield SqliteTx(self.conn)
+                self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self.conn.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[SqliteTx]:
-        with self._lock:
+        with self._lock, self._errors():
             self.conn.execute("BEGIN")
             try:
                 yield SqliteTx(self.conn)
-            finally:
-                self.conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """End a failed transaction (a failed COMMIT may leave it open), so that the connection
+        serves the next one; the error that got us here is the one to report."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def _version_clash_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.IntegrityError,)
@@ -377,16 +540,82 @@ class SqlAlchemyTx(Tx):
         return self.conn.execute(select(func.coalesce(func.max(self.events.c.id), 0))).scalar_one()
 
 
+# SQLSTATE classes and codes (PostgreSQL) worth retrying: the connection, a lock wait that ran
+# out (lock_timeout), a server shutting down or starting, serialization failures and deadlocks.
+RETRYABLE_SQLSTATES = ("08", "55P03", "57P01", "57P02", "57P03", "40001", "40P01")
+
+
+def sqlalchemy_failure(exc: Exception, url: str, busy_timeout: float) -> RegistryError:
+    """The named error for what SQLAlchemy (or its driver) reported about the database at `url`."""
+    from sqlalchemy import exc as sa
+
+    shown = redact(url)
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, sqlite3.Error) and url.startswith("sqlite:///"):
+        return sqlite_failure(orig, Path(url.removeprefix("sqlite:///")), busy_timeout)
+    detail = redact(str(orig if orig is not None else exc)).strip().splitlines()
+    reason = detail[0] if detail else type(exc).__name__
+    if isinstance(exc, (sa.ArgumentError, sa.NoSuchModuleError)):
+        return RegistryError(f"ARTIFACTFS_DATABASE_URL {shown} is not a database URL SQLAlchemy can use ({reason})")
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    retryable = sqlstate.startswith(RETRYABLE_SQLSTATES) or (
+        not sqlstate and isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError))
+    )
+    if retryable:
+        return RegistryBusy(
+            f"the registry database {shown} did not answer, or stayed locked, within {busy_timeout:g}s "
+            f"({reason}): check that the server is up and retry"
+        )
+    return RegistryError(f"the registry database {shown} cannot be used: {reason}")
+
+
 class SqlAlchemyRegistry(Registry):
-    def __init__(self, url: str) -> None:
-        from sqlmodel import SQLModel, create_engine
-
-        from . import tables  # noqa: F401  (registers the tables)
-
+    def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
         self.url = url
-        self.engine = create_engine(url, pool_pre_ping=True)
-        SQLModel.metadata.create_all(self.engine)
-        self._migrate_projection()
+        self.busy_timeout = busy_timeout
+        if url.startswith("sqlite:///"):
+            file = Path(url.removeprefix("sqlite:///"))
+            if _write_protected(file) is None:
+                try:
+                    SqliteRegistry._create(file)
+                except sqlite3.Error as exc:
+                    raise sqlite_failure(exc, file, busy_timeout) from None
+                _tighten(file)
+        with self._errors():
+            from sqlmodel import SQLModel, create_engine
+
+            from . import tables  # noqa: F401  (registers the tables)
+
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args=self._connect_args(url))
+            SQLModel.metadata.create_all(self.engine)
+            self._migrate_projection()
+
+    def _connect_args(self, url: str) -> dict[str, Any]:
+        """How long to wait for the server, and for a lock, before giving up (the busy timeout)."""
+        if url.startswith("sqlite"):
+            return {"timeout": self.busy_timeout}
+        if url.startswith("postgresql"):
+            ms = int(self.busy_timeout * 1000)
+            return {"connect_timeout": max(1, round(self.busy_timeout)), "options": f"-c lock_timeout={ms}"}
+        return {}
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Database errors as the named ones; IntegrityError stays itself (a version clash,
+        which `append` retries)."""
+        from sqlalchemy import exc as sa
+
+        try:
+            yield
+        except sa.IntegrityError:
+            raise
+        except (sa.SQLAlchemyError, sa.DBAPIError) as exc:
+            raise sqlalchemy_failure(exc, self.url, self.busy_timeout) from None
+        except ModuleNotFoundError as exc:
+            raise RegistryError(
+                f"the registry database {redact(self.url)} needs the Python module {exc.name!r}: "
+                "install it (for PostgreSQL: pip install 'artifactfs[postgres]')"
+            ) from None
 
     def _migrate_projection(self) -> None:
         """Recreate and refold the projection if its shape changed (see SqliteRegistry)."""
@@ -404,12 +633,12 @@ class SqlAlchemyRegistry(Registry):
 
     @contextmanager
     def _write(self) -> Iterator[SqlAlchemyTx]:
-        with self.engine.begin() as conn:
+        with self._errors(), self.engine.begin() as conn:
             yield SqlAlchemyTx(conn)
 
     @contextmanager
     def _read(self) -> Iterator[SqlAlchemyTx]:
-        with self.engine.connect() as conn:
+        with self._errors(), self.engine.connect() as conn:
             yield SqlAlchemyTx(conn)
 
     def _version_clash_errors(self) -> tuple[type[BaseException], ...]:
@@ -421,8 +650,16 @@ class SqlAlchemyRegistry(Registry):
         self.engine.dispose()
 
 
-def open_registry(url: str, *, driver: str = "auto") -> Registry:
-    """The registry at `url`: the standard-library driver for SQLite files, SQLAlchemy otherwise."""
+def open_registry(url: str, *, driver: str = "auto", busy_timeout: float | None = None) -> Registry:
+    """The registry at `url`: the standard-library driver for SQLite files, SQLAlchemy otherwise.
+
+    `busy_timeout` is how long a writer waits for another one's lock (and, for a server, for a
+    connection) before RegistryBusy; by default ARTIFACTFS_DB_BUSY_TIMEOUT's.
+    """
+    if busy_timeout is None:
+        from .config import load_settings
+
+        busy_timeout = load_settings().db_busy_timeout
     if driver == "sqlalchemy" or (driver == "auto" and not url.startswith("sqlite:///")):
-        return SqlAlchemyRegistry(url)
-    return SqliteRegistry(url)
+        return SqlAlchemyRegistry(url, busy_timeout)
+    return SqliteRegistry(url, busy_timeout)

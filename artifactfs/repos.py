@@ -1,28 +1,31 @@
 """The lifecycle of a registered repository: add (prepare), remove, and what status shows."""
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .gitstore import hydration_stats, store_credentials
+from .gitstore import configure_credential_helper, hydration_stats, store_credentials
 from .locks import repo_lock
 from .model import (
     DisplayState,
     DuplicateRepo,
     EventType,
     InvalidInput,
+    MountRefused,
     NewEvent,
     PrepareState,
     RepoState,
     StaleAttempt,
     UnknownRepo,
 )
-from .mounts import is_mounted, is_stale, unmount
-from .prepare import Preparation, announce, check_git_dir, record
+from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, unmount, under
+from .prepare import Preparation, announce, check_git_dir, fail_attempt, record
 from .registry import Registry
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
 from .stack import running_pid
@@ -44,6 +47,7 @@ class AddRequest:
 
 def parse_add_request(
     settings: Settings,
+    registry: Registry,
     name: str,
     remote: str,
     ref: str,
@@ -57,7 +61,6 @@ def parse_add_request(
     validate_name(name)
     parsed = parse_remote(remote)
     full_ref = validate_ref(ref)
-    root = Path(mount_root).expanduser().absolute() if mount_root else None
     if prepared_gitdir:
         if not git_dir or not fetch_ref:
             raise InvalidInput("--prepared-gitdir needs --git-dir DIR and --fetch-ref REF")
@@ -68,10 +71,112 @@ def parse_add_request(
         raise InvalidInput("--git-dir and --fetch-ref only go with --prepared-gitdir")
     else:
         directory = settings.git_dir(name)
+    if registry.get(name) is not None:
+        raise DuplicateRepo(name)  # said before anything about its mount path (registering checks again)
     return AddRequest(
-        name=name, remote=parsed, ref=full_ref, mount_path=settings.mount_path(name, root), git_dir=directory,
-        prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref,
+        name=name, remote=parsed, ref=full_ref, mount_path=checked_mount_path(settings, registry, name, mount_root),
+        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref,
     )  # fmt: skip
+
+
+def checked_mount_path(settings: Settings, registry: Registry, name: str, mount_root: str | None) -> Path:
+    """Where repository `name` will be mounted: <mount root>/<name>, refused unless mountd can
+    mount there for good (an existing, writable directory under an allowed mount root, outside
+    every repository's mount and every FUSE mount, with nothing at the mount point yet).
+
+    Nothing inside a FUSE mount is looked at: in a repository's gated placeholder, even a stat
+    waits until that repository is ready. Symbolic links are followed by hand for that reason.
+    """
+    root = Path(os.path.abspath(os.path.expanduser(mount_root))) if mount_root else settings.mount_root
+    fuse = [Path(p) for p in fuse_mounts()]
+    mounts = {Path(repo.mount_path): repo.name for repo in registry.repos()}
+    _refuse_nested(root, root / name, fuse, mounts)
+    resolved = _resolve_outside(root, fuse, mounts)
+    _refuse_nested(resolved, resolved / name, fuse, mounts)
+    if not resolved.is_dir():
+        raise MountRefused(f"--mount-root {root} is not a directory: give a directory to mount under")
+    if not os.access(resolved, os.W_OK):
+        raise MountRefused(f"--mount-root {root} is read-only: give a writable directory to mount under")
+    path = check_mount_path(settings, name, resolved / name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISDIR(st.st_mode) or any(path.iterdir()):
+        raise MountRefused(
+            f"{path} already exists and is not an empty directory: move it away, or pick another --name or --mount-root"
+        )
+    return path
+
+
+def _refuse_nested(root: Path, mount_path: Path, fuse: list[Path], mounts: dict[Path, str]) -> None:
+    """Refuse a mount root inside a repository's mount or any FUSE mount, and a mount path that
+    would cover one (both by their names alone: nothing here touches the file system)."""
+    for existing, other in mounts.items():
+        if under(root, existing):
+            raise MountRefused(
+                f"--mount-root {root} is inside the mount of repository {other!r} ({existing}): "
+                "give a directory outside every repository's mount"
+            )
+        if under(existing, mount_path):
+            raise MountRefused(f"{mount_path} would cover the mount of repository {other!r} ({existing})")
+    for mount in fuse:
+        if under(root, mount):
+            raise MountRefused(
+                f"--mount-root {root} is inside the FUSE mount {mount}: give a directory outside every FUSE mount"
+            )
+        if under(mount, mount_path):
+            raise MountRefused(
+                f"{mount_path} already holds the FUSE mount {mount}: unmount it (fusermount3 -u {mount}) "
+                "or pick another --name or --mount-root"
+            )
+
+
+MAX_SYMLINKS = 40
+
+
+def _resolve_outside(path: Path, fuse: list[Path], mounts: dict[Path, str]) -> Path:
+    """os.path.realpath(path), refusing before it would look up a name inside a FUSE mount or
+    step into a repository's mount (through a symbolic link, say)."""
+    resolved = Path("/")
+    pending = list(path.parts[1:])
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = resolved.parent
+            continue
+        inside = next((m for m in fuse if under(resolved, m)), None)
+        if inside is not None:
+            raise MountRefused(
+                f"--mount-root {path} leads into the FUSE mount {inside}: give a directory outside every FUSE mount"
+            )
+        candidate = resolved / part
+        other = next((name for existing, name in mounts.items() if under(candidate, existing)), None)
+        if other is not None:
+            raise MountRefused(
+                f"--mount-root {path} leads inside the mount of repository {other!r} ({candidate}): "
+                "give a directory outside every repository's mount"
+            )
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            raise MountRefused(f"--mount-root {path} does not exist ({candidate} is missing): create it first") from None
+        except NotADirectoryError:
+            raise MountRefused(f"--mount-root {path} is not a directory ({resolved} is a file)") from None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise MountRefused(f"--mount-root {path}: too many levels of symbolic links")
+            target = Path(os.readlink(candidate))
+            pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
+            if target.is_absolute():
+                resolved = Path("/")
+            continue
+        resolved = candidate
+    return resolved
 
 
 def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> NewEvent:
@@ -155,9 +260,21 @@ def wait_for_placeholder(settings: Settings, mount_path: Path) -> bool:
     return False
 
 
-def request_prepare(settings: Settings, registry: Registry, name: str) -> int:
-    """Ask for a new preparation attempt (after a failure, or to refresh); returns its number."""
+@dataclass(frozen=True)
+class PrepareRequest:
+    attempt: int
+    head: str | None = None  # set when the attempt ran here: the commit now published as READY
+
+
+def request_prepare(settings: Settings, registry: Registry, name: str) -> PrepareRequest:
+    """Ask for a new preparation attempt (after a failure, or to refresh).
+
+    A worker prepares it; a repository registered with inline credentials is prepared here, in
+    the calling process, as the blocking add does: no background job may ever hold a credential.
+    """
     validate_name(name)
+    if settings.credential_file(name).exists():
+        return _prepare_here(settings, registry, name)
 
     def decide(repo: RepoState | None) -> list[NewEvent]:
         if repo is None:
@@ -166,7 +283,36 @@ def request_prepare(settings: Settings, registry: Registry, name: str) -> int:
 
     [event] = registry.append(name, decide)
     announce(settings, name)
-    return int(event.payload["attempt"])
+    return PrepareRequest(int(event.payload["attempt"]))
+
+
+def _prepare_here(settings: Settings, registry: Registry, name: str) -> PrepareRequest:
+    job_id = f"prepare:{name}:local-{uuid.uuid4().hex[:12]}"
+
+    def decide(repo: RepoState | None) -> list[NewEvent]:
+        if repo is None:
+            raise UnknownRepo(name)
+        payload = {"attempt": repo.prepare_attempt + 1, "asynchronous": False}
+        return [NewEvent(EventType.PREPARE_REQUESTED, payload, job_id=job_id)]
+
+    with repo_lock(settings.lock_file(name)):
+        [event] = registry.append(name, decide)
+        announce(settings, name)
+        repo = registry.require(name)
+        credential_file = settings.credential_file(name)
+        try:
+            if (settings.repo_git_dir(repo) / "HEAD").is_file():
+                # A clone made by an older version asks git's store helper, which forgets the
+                # credential at the first 401: ask ours instead.
+                configure_credential_helper(settings.repo_git_dir(repo), credential_file)
+            head = Preparation(settings, registry, repo, job_id, credential_file).run()
+        except StaleAttempt:
+            raise
+        except BaseException as exc:
+            error = redact(str(exc)) or type(exc).__name__
+            fail_attempt(settings, registry, repo, error, job_id=job_id, dedupe_key=f"{job_id}:failed")
+            raise
+    return PrepareRequest(int(event.payload["attempt"]), head)
 
 
 def _discard_leftovers(settings: Settings, name: str) -> None:
@@ -188,18 +334,23 @@ def remove_repo(settings: Settings, registry: Registry, name: str) -> None:
             raise UnknownRepo(name)
         registry.append(name, lambda current: _removal(current, name))
         announce(settings, name)
-        mount_path = Path(repo.mount_path)
-        # mountd sees the removal and unmounts; if it does not (not running), do it here.
-        deadline = time.monotonic() + UNMOUNT_GRACE_SECONDS
-        while is_mounted(mount_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if is_mounted(mount_path) and not unmount(mount_path):
-            unmount(mount_path, lazy=True)
-        _discard_leftovers(settings, name)  # never a prepared git dir: it belongs to whoever made it
         try:
-            mount_path.rmdir()
-        except OSError:
-            pass  # not empty or not ours: leave it
+            mount_path: Path | None = check_mount_path(settings, name, repo.mount_path)
+        except MountRefused:
+            mount_path = None  # not a path artifactfs mounts on (the mount roots changed): leave it alone
+        if mount_path is not None:
+            # mountd sees the removal and unmounts; if it does not (not running), do it here.
+            deadline = time.monotonic() + UNMOUNT_GRACE_SECONDS
+            while is_mounted(mount_path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if is_mounted(mount_path) and not unmount(mount_path):
+                unmount(mount_path, lazy=True)
+        _discard_leftovers(settings, name)  # never a prepared git dir: it belongs to whoever made it
+        if mount_path is not None and not is_mounted(mount_path):
+            try:
+                mount_path.rmdir()  # the mount point mountd made, if empty
+            except OSError:
+                pass  # not empty, or gone already: leave it
 
 
 def _removal(current: RepoState | None, name: str) -> list[NewEvent]:

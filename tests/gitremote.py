@@ -825,6 +825,7 @@ class GitHttpServer(_PackCountingServer):
         self.backend_log = self._hook.dir / "http-backend.log"
         self._expected_auth = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
         self._delay = 0.0
+        self._reject_authorized = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._children: set[subprocess.Popen] = set()
@@ -884,6 +885,13 @@ class GitHttpServer(_PackCountingServer):
         with self._lock:
             self.requests.clear()
 
+    def reject_authorized(self, count: int = 1) -> None:
+        """Answer the next ``count`` requests that carry the right credentials with
+        ``401`` anyway, as a server with a transient authentication failure does.
+        Their records keep ``authorized=True`` and get ``status=401``."""
+        with self._lock:
+            self._reject_authorized = int(count)
+
     # internals
     def _conn_opened(self, conn: socket.socket) -> None:
         with self._lock:
@@ -915,7 +923,11 @@ class GitHttpServer(_PackCountingServer):
             self._send(h, rec, 503, "Service Unavailable", [], b"server stopping\n")
             h.close_connection = True
             return
-        if not rec.authorized:
+        with self._lock:
+            rejected = rec.authorized and self._reject_authorized > 0
+            if rejected:
+                self._reject_authorized -= 1
+        if not rec.authorized or rejected:
             self._send(h, rec, 401, "Unauthorized",
                        [("WWW-Authenticate", 'Basic realm="git"'), ("Content-Type", "text/plain")],
                        b"authentication required\n")

@@ -1,10 +1,15 @@
 """The registry through each driver, against real databases (a SQLite file; a throwaway
 PostgreSQL server): concurrent writers, rebuilds, idempotent appends, and one driver reading what
-the other wrote."""
+the other wrote; and every way a registry can be unusable, as one named error."""
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
+import socket
+import sqlite3
+import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +22,17 @@ from artifactfs.model import (
     EventType,
     NewEvent,
     PrepareState,
+    RegistryBusy,
+    RegistryError,
     RepoState,
 )
 from artifactfs.registry import Registry, open_registry
 from artifactfs.tables import EventRow, RepoRow
 
+from .conftest import Artifactfs, new_installation
+from .gitremote import SampleRepo
 from .postgres import PostgresServer
+from .test_cli_errors import footprint
 
 DRIVERS = ["sqlite", "sqlalchemy", "postgresql"]
 
@@ -203,3 +213,164 @@ def test_a_projection_of_an_older_shape_is_rebuilt_from_the_log(url_for: Callabl
     assert [dump(r) for r in reopened.repos()] == expected
     register(reopened, "beta")  # and it takes writes again
     assert [r.name for r in reopened.repos()] == ["alpha", "beta"]
+
+
+# --- errors: one named error, one line, naming the file --------------------------------------
+
+
+def test_registry_files_are_root_only_even_under_a_permissive_umask(tmp_path: Path, driver: str) -> None:
+    if driver == "postgresql":
+        pytest.skip("a server's files are the server's")
+    db = tmp_path / "registry.db"
+    old = os.umask(0o022)
+    try:
+        registry = open_for(driver, f"sqlite:///{db}")
+        register(registry, "alpha")  # a write: in WAL mode the -wal and -shm exist now
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert "registry.db" in modes and set(modes.values()) == {0o600}, modes
+        if driver == "sqlite":
+            assert set(modes) == {"registry.db", "registry.db-wal", "registry.db-shm"}
+        registry.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_registry_left_world_readable_is_tightened_on_open(afs: Artifactfs) -> None:
+    afs.run("list-repos")
+    db = afs.root / "registry.db"
+    extra = [Path(f"{db}-wal"), Path(f"{db}-shm")]
+    for path in extra:
+        path.write_bytes(b"")  # as an older version's crash would leave them
+    for path in (db, *extra):
+        os.chmod(path, 0o644)
+    afs.run("list-repos")
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    for path in extra:
+        assert not path.exists() or stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Tightening never grants: a write-protected registry stays write-protected.
+    os.chmod(db, 0o444)
+    afs.run("list-repos")
+    assert stat.S_IMODE(db.stat().st_mode) == 0o400
+
+
+def _one_line(proc: subprocess.CompletedProcess[str], *expected: str) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("artifactfs: error: "), line
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+def test_a_write_protected_registry_still_reads_and_refuses_writes(afs: Artifactfs, sample: SampleRepo) -> None:
+    afs.add("existing", sample.url)
+    db = afs.root / "registry.db"
+    os.chmod(db, 0o444)
+    assert afs.run("list-repos").stdout.startswith("existing\t")  # reads need no write
+    before = footprint(afs)
+    _one_line(afs.run("add-repo", "--name", "new", "--remote", sample.url, check=False),
+              f"the registry {db} is read-only", "mode 0400", "chmod u+w")  # fmt: skip
+    _one_line(afs.run("remove-repo", "--name", "existing", check=False), "read-only")
+    assert footprint(afs) == before
+
+
+def test_a_registry_in_a_write_protected_directory_refuses_writes(afs: Artifactfs, sample: SampleRepo, tmp_path: Path) -> None:
+    directory = tmp_path / "registry"
+    directory.mkdir()
+    afs.env["ARTIFACTFS_DATABASE_URL"] = f"sqlite:///{directory / 'registry.db'}"
+    afs.add("existing", sample.url)
+    os.chmod(directory, 0o555)
+    try:
+        _one_line(afs.run("add-repo", "--name", "new", "--remote", sample.url, check=False),
+                  f"the registry {directory / 'registry.db'} is read-only", "its directory is write-protected")  # fmt: skip
+        assert sorted(os.listdir(directory)) == ["registry.db"]
+        assert afs.run("list-repos").stdout.startswith("existing\t")
+    finally:
+        os.chmod(directory, 0o700)
+
+
+def test_a_registry_locked_beyond_the_busy_timeout(afs: Artifactfs, sample: SampleRepo) -> None:
+    afs.add("existing", sample.url)
+    db = afs.root / "registry.db"
+    afs.env["ARTIFACTFS_DB_BUSY_TIMEOUT"] = "1"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer that does not let go
+    try:
+        _one_line(afs.run("add-repo", "--name", "new", "--remote", sample.url, check=False),
+                  f"the registry {db} stayed locked", "more than 1s", "ARTIFACTFS_DB_BUSY_TIMEOUT")  # fmt: skip
+        assert afs.run("list-repos").stdout.startswith("existing\t")  # readers are not blocked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [r.name for r in open_registry(f"sqlite:///{db}").repos()] == ["existing"]
+    assert not (afs.root / "git" / "new.git").exists() and os.listdir(afs.root / "locks") == []
+
+
+def test_busy_is_worth_retrying_and_damage_is_not(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    for driver in ("sqlite", "sqlalchemy"):
+        registry = open_registry(url, driver=driver, busy_timeout=0.2)
+        holder = sqlite3.connect(tmp_path / "registry.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(RegistryBusy, match="stayed locked"):
+            register(registry, f"alpha-{driver}")
+        holder.execute("ROLLBACK")
+        register(registry, f"alpha-{driver}")  # the same registry object serves the next write
+        registry.close()
+    (tmp_path / "garbage.db").write_bytes(b"\x00garbage" * 1000)
+    for driver in ("sqlite", "sqlalchemy"):
+        with pytest.raises(RegistryError, match="is damaged") as caught:
+            open_registry(f"sqlite:///{tmp_path / 'garbage.db'}", driver=driver)
+        assert not isinstance(caught.value, RegistryBusy)
+
+
+def test_an_unreachable_database_server_is_busy_and_its_password_is_not_shown() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(RegistryBusy) as caught:
+        open_registry(f"postgresql+psycopg://afs:s3cret-pw@127.0.0.1:{port}/afs", busy_timeout=2)
+    assert "s3cret-pw" not in str(caught.value) and f"127.0.0.1:{port}" in str(caught.value)
+    with pytest.raises(RegistryError, match="not a database URL"):
+        open_registry("nosuchdialect://x/y")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "artifactfs-test-full", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def test_a_full_disk_is_one_line_naming_the_registry(small_disk: Path, sample: SampleRepo) -> None:
+    afs = new_installation(small_disk)
+    try:
+        afs.add("existing", sample.url)
+        filler = small_disk / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass  # ENOSPC: the disk is full
+        before = footprint(afs)
+        db = afs.root / "registry.db"
+        _one_line(afs.run("add-repo", "--name", "new", "--remote", sample.url, check=False),
+                  f"the registry {db}", "file system is full", "free some space")  # fmt: skip
+        after = footprint(afs)
+        # SQLite may leave an empty -wal and a stub -shm it could not grow: its own bookkeeping,
+        # which it reuses once there is space. Everything else, and every row, is as it was.
+        for state in (before, after):
+            for name in ("registry.db-wal", "registry.db-shm"):
+                state["root"].pop(name, None)  # type: ignore[attr-defined]
+        assert after == before
+        filler.unlink()
+        afs.add("new", sample.url)  # space again: it works, nothing was left half done
+    finally:
+        afs.cleanup()
