@@ -1,28 +1,54 @@
-"""Prepare jobs, apart from Celery: what a job does (run_prepare_job) and how mountd hands one to
-this host's queue (publish_prepare). The Celery task in workers/tasks.py is a thin shell."""
+"""Prepare jobs, apart from Celery: what a job does (run_prepare_job), how it fails, and how mountd
+hands one to this host's queue (publish_prepare). The Celery task in workers/tasks.py is a thin shell.
+
+A job works under the repository's lock and ends in one PrepareOutcome:
+- READY: prepared, and READY published;
+- SKIPPED: nothing for this job to do, and nothing appended: the attempt was superseded, removed or
+  already done, or it is not a worker's to run (a repository with inline credentials, or one that
+  the command which began the attempt prepares in its own process);
+- RETRY: a transient git failure (a connection reset): the task runs the job again after a while;
+- FAILED: recorded with a one-line error (git's, redacted; the time limit exceeded; an internal
+  error), so that nothing stays `preparing` until the deadline.
+A registry that answers RegistryBusy is tried again with backoff for REGISTRY_PATIENCE busy timeouts;
+past that, RegistryBusy leaves run_prepare_job and the task hands the whole job back to the queue.
+Every append of a job carries a dedupe key, so running a job again (or twice at once) is harmless.
+"""
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
+import os
 import shutil
+import signal
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Settings
 from .locks import repo_lock
-from .model import ArtifactError, GitError, PrepareState, RepoState, StaleAttempt
-from .prepare import Preparation, fail_attempt
+from .model import ArtifactError, GitError, Phase, PrepareState, PrepareTimeout, RegistryBusy, RepoState, StaleAttempt
+from .prepare import Patience, Preparation, fail_attempt
 from .registry import Registry, open_registry
 from .remotes import redact, validate_name
 
 log = logging.getLogger("artifactfs.jobs")
 
 PREPARE_TASK = "artifactfs.prepare"
+FAILPOINT_VARIABLE = "ARTIFACTFS_FAILPOINT"
+# How many busy timeouts (ARTIFACTFS_DB_BUSY_TIMEOUT, 30 s by default: three minutes in all) a job
+# keeps trying a busy registry before the task hands it back to the queue.
+REGISTRY_PATIENCE = 6
+
+PR_SET_CHILD_SUBREAPER = 36
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class PrepareOutcome(str, enum.Enum):
     READY = "ready"
     FAILED = "failed"
     RETRY = "retry"  # transient failure: the caller backs off and runs the job again
-    SKIPPED = "skipped"  # nothing to do: removed, already prepared, or superseded
+    SKIPPED = "skipped"  # nothing to do: removed, already prepared, superseded, or not a worker's
 
 
 def task_id(name: str, attempt_version: int) -> str:
@@ -44,6 +70,28 @@ def publish_prepare(settings: Settings, repo: RepoState) -> str:
     return tid
 
 
+def failpoint_from_env() -> Phase | None:
+    """ARTIFACTFS_FAILPOINT=phase:<phase>, a fault-drill aid; inert when unset. Never set it in
+    production.
+
+    A prepare job stops for good right after it has recorded the event of <phase> (validate, clone,
+    fetch, update_branch, index or publish; for clone, once the clone has landed in its temporary
+    directory, before it is renamed into place): it logs "failpoint phase:<phase> reached" and
+    waits there until it is killed. A drill sets it for a worker, SIGKILLs the worker at that point,
+    and checks that the redelivered job (run by a worker without it) completes and leaves nothing
+    half-made. A malformed value is logged and ignored.
+    """
+    raw = os.environ.get(FAILPOINT_VARIABLE, "")
+    if not raw:
+        return None
+    kind, _, phase = raw.partition(":")
+    if kind == "phase" and phase in {p.value for p in Phase}:
+        return Phase(phase)
+    choices = "|".join(p.value for p in Phase)
+    log.error("%s=%r is not phase:<%s>: ignored (fix or unset it)", FAILPOINT_VARIABLE, raw, choices)
+    return None
+
+
 def run_prepare_job(
     settings: Settings,
     name: str,
@@ -51,44 +99,164 @@ def run_prepare_job(
     *,
     job_id: str,
     may_retry: bool = False,
-    timed_out: bool = False,
+    time_limit_error: type[BaseException] = PrepareTimeout,
 ) -> PrepareOutcome:
+    """Run the job of `name`'s preparation attempt begun at stream version `attempt_version`.
+
+    `time_limit_error` is what the job's soft time limit raises in this process (Celery's
+    SoftTimeLimitExceeded in a worker): the job then ends every git process it started, removes
+    what they left half-made and records the timeout. The process must run nothing else meanwhile
+    (a Celery pool process runs one job at a time): ending the job's processes ends all its children.
+    """
     validate_name(name)  # before a lock file or a directory is derived from it
-    registry = open_registry(settings.database_url)
+    become_subreaper()
+    patience = Patience(REGISTRY_PATIENCE * settings.db_busy_timeout)
+    registry = patience.retry(lambda: open_registry(settings.database_url), name)
     try:
-        with repo_lock(settings.lock_file(name)):
-            repo = registry.get(name)
-            if repo is None or repo.attempt_version != attempt_version or repo.state is not PrepareState.PREPARING:
-                state = repo.prepare_state if repo else "removed"
-                log.info("%s: the attempt begun at version %d has nothing to do (%s)", name, attempt_version, state)
-                return PrepareOutcome.SKIPPED
-            if timed_out:
-                return _fail(settings, registry, repo, job_id, "preparation exceeded its time limit")
-            credential_file = settings.credential_file(name)
-            credentials = credential_file if credential_file.exists() else None
-            try:
-                Preparation(settings, registry, repo, job_id, credentials).run()
-                return PrepareOutcome.READY
-            except StaleAttempt:
-                if registry.get(name) is None and not repo.prepared_gitdir:
-                    shutil.rmtree(settings.git_dir(name), ignore_errors=True)  # removed while we cloned
-                return PrepareOutcome.SKIPPED
-            except GitError as exc:
-                if exc.transient and may_retry:
-                    log.warning("%s: transient failure, will retry: %s", name, redact(str(exc)))
-                    return PrepareOutcome.RETRY
-                return _fail(settings, registry, repo, job_id, str(exc))
-            except ArtifactError as exc:
-                return _fail(settings, registry, repo, job_id, str(exc))
-            except Exception as exc:  # a bug must still fail the repository, not leave it preparing
-                log.exception("%s: preparation crashed", name)
-                return _fail(settings, registry, repo, job_id, f"internal error: {type(exc).__name__}: {exc}")
+        return PrepareJob(settings, registry, name, attempt_version, job_id, patience, may_retry, time_limit_error).run()
     finally:
         registry.close()
+        reap_orphans()
 
 
-def _fail(settings: Settings, registry: Registry, repo: RepoState, job_id: str, error: str) -> PrepareOutcome:
-    log.error("%s: preparation failed: %s", repo.name, redact(error))
-    if fail_attempt(settings, registry, repo, error, job_id=job_id, dedupe_key=f"{job_id}:failed"):
-        return PrepareOutcome.FAILED
-    return PrepareOutcome.SKIPPED
+@dataclass
+class PrepareJob:
+    settings: Settings
+    registry: Registry
+    name: str
+    attempt_version: int
+    job_id: str
+    patience: Patience
+    may_retry: bool
+    time_limit_error: type[BaseException]
+    repo: RepoState | None = None  # once claimed: the attempt is current and a worker's to run
+
+    def run(self) -> PrepareOutcome:
+        try:
+            with repo_lock(self.settings.lock_file(self.name)):
+                try:
+                    return self._prepare()
+                except self.time_limit_error:
+                    return self._timed_out()
+        except self.time_limit_error:
+            log.warning("%s: the time limit passed while another process held the repository's lock: nothing done", self.name)
+            return PrepareOutcome.SKIPPED
+
+    def _claim(self) -> RepoState | None:
+        """The repository, if this job's attempt is current and a worker's to run; else None."""
+        repo = self.patience.retry(lambda: self.registry.get(self.name), self.name)
+        if repo is None or repo.attempt_version != self.attempt_version or repo.state is not PrepareState.PREPARING:
+            state = repo.prepare_state if repo else "removed"
+            log.info("%s: the attempt begun at version %d has nothing to do (%s)", self.name, self.attempt_version, state)
+            return None
+        # A background job never holds a credential; nor may a forged job touch what the command that
+        # began an attempt prepares in its own process (a blocking add).
+        if os.path.lexists(self.settings.credential_file(self.name)):
+            log.warning("%s: skipped: the repository has inline credentials, which a background job never holds",
+                        self.name)  # fmt: skip
+            return None
+        if not repo.asynchronous:
+            log.warning("%s: skipped: the attempt begun at version %d is prepared by the command that began it",
+                        self.name, self.attempt_version)  # fmt: skip
+            return None
+        self.repo = repo
+        return repo
+
+    def _prepare(self) -> PrepareOutcome:
+        repo = self._claim()
+        if repo is None:
+            return PrepareOutcome.SKIPPED
+        preparation = Preparation(self.settings, self.registry, repo, self.job_id, patience=self.patience,
+                                  failpoint=failpoint_from_env())  # fmt: skip
+        try:
+            preparation.run()
+            return PrepareOutcome.READY
+        except (RegistryBusy, self.time_limit_error):
+            raise  # the task hands the job back to the queue; the caller records the timeout
+        except StaleAttempt:
+            current = self.patience.retry(lambda: self.registry.get(self.name), self.name)
+            if current is None and not repo.prepared_gitdir:
+                shutil.rmtree(self.settings.git_dir(self.name), ignore_errors=True)  # removed while we cloned
+            return PrepareOutcome.SKIPPED
+        except GitError as exc:
+            if exc.transient and self.may_retry:
+                log.warning("%s: transient failure, will retry: %s", self.name, redact(str(exc)))
+                return PrepareOutcome.RETRY
+            return self._fail(repo, str(exc))
+        except ArtifactError as exc:
+            return self._fail(repo, str(exc))
+        except Exception as exc:  # a bug must still fail the repository, not leave it preparing
+            log.exception("%s: preparation crashed", self.name)
+            return self._fail(repo, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _timed_out(self) -> PrepareOutcome:
+        """The soft time limit struck: end the job's git processes, remove what they left half-made
+        (we still hold the repository's lock), and record the timeout before the hard limit."""
+        end_children()
+        error = PrepareTimeout(
+            f"preparation exceeded its time limit of {self.settings.job_soft_limit:g}s (ARTIFACTFS_JOB_SOFT_LIMIT)"
+        )
+        repo = self.repo or self._claim()
+        if repo is None:
+            return PrepareOutcome.SKIPPED
+        Preparation(self.settings, self.registry, repo, self.job_id).abandon()
+        # The hard limit kills this process a little later: keep the waiting well inside that.
+        grace = max(self.settings.job_hard_limit - self.settings.job_soft_limit, 0.0) / 2
+        return self._fail(repo, str(error), Patience(min(self.patience.seconds, grace)))
+
+    def _fail(self, repo: RepoState, error: str, patience: Patience | None = None) -> PrepareOutcome:
+        log.error("%s: preparation failed: %s", repo.name, redact(error))
+        failed = (patience or self.patience).retry(
+            lambda: fail_attempt(self.settings, self.registry, repo, error, job_id=self.job_id,
+                                 dedupe_key=f"{self.job_id}:failed"),
+            repo.name,
+        )  # fmt: skip
+        return PrepareOutcome.FAILED if failed else PrepareOutcome.SKIPPED
+
+
+# --- the job's processes ---------------------------------------------------------------------------
+
+
+def become_subreaper() -> None:
+    """Make the orphans of our children ours rather than init's: a git killed mid-clone leaves its
+    own children (ssh, index-pack, a remote helper) behind, and end_children must find them."""
+    _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def child_pids(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name (field 2) is in parentheses and may hold anything: split after its end.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def end_children() -> None:
+    """Kill and reap every child of this process, and every orphan that comes back to it (as a
+    subreaper) when its parent dies, until none is left."""
+    while children := child_pids(os.getpid()):
+        for pid in children:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        log.info("ended processes left by the job: %s", " ".join(map(str, children)))
+
+
+def reap_orphans() -> None:
+    """Collect orphans that came back to us and have exited since (they would stay zombies)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return

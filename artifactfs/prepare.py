@@ -11,10 +11,15 @@ for a blocking `add-repo` and inside a worker's prepare job; callers hold the re
 from __future__ import annotations
 
 import glob
+import logging
+import os
 import shutil
+import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .config import Settings
 from .gitstore import clone_blobless, git_env, run_git
@@ -25,6 +30,7 @@ from .model import (
     Phase,
     PrepareState,
     RefNotFound,
+    RegistryBusy,
     RemoteUnreachable,
     RepoState,
     StaleAttempt,
@@ -32,6 +38,10 @@ from .model import (
 from .registry import Registry
 from .remotes import redact
 from .wakeup import publish
+
+log = logging.getLogger("artifactfs.prepare")
+
+T = TypeVar("T")
 
 
 def announce(settings: Settings, name: str) -> None:
@@ -62,6 +72,32 @@ def record(settings: Settings, registry: Registry, name: str, *events: NewEvent,
 
     registry.append(name, decide)
     announce(settings, name)
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long to keep trying a registry that answers RegistryBusy (locked by another writer past
+    the busy timeout, or its server unreachable): again after 0.5 s, 1 s, 2 s, ... (at most
+    `max_delay` apart) until `seconds` have passed, then RegistryBusy goes to the caller. Every
+    append that is retried carries a dedupe key or is guarded, so trying again is harmless.
+    The default, no patience, is the CLI's: it reports a busy registry at once."""
+
+    seconds: float = 0.0
+    first_delay: float = 0.5
+    max_delay: float = 15.0
+
+    def retry(self, action: Callable[[], T], what: str) -> T:
+        deadline = time.monotonic() + self.seconds
+        delay = self.first_delay
+        while True:
+            try:
+                return action()
+            except RegistryBusy as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: the registry is busy, trying again in %gs: %s", what, delay, redact(str(exc)))
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
 
 
 def fail_attempt(
@@ -114,6 +150,33 @@ def write_index(git_dir: Path, head: str) -> None:
                 git_dir=git_dir, input=paths)  # fmt: skip
 
 
+# Lock files git leaves behind when it is killed while writing: the index, the config, HEAD,
+# shallow, packed-refs (all at the top of the git directory) and every ref (under refs/).
+TOP_LEVEL_LOCKS = "*.lock"
+REF_LOCKS = "refs/**/*.lock"
+
+
+def clear_stale_locks(git_dir: Path) -> list[Path]:
+    """Remove the lock files a killed git left in one of our git directories; return them.
+
+    Safe only under the repository's lock, and only in a git directory of ours (never a prepared
+    one, where its owner's git may be at work): only our own prepare jobs write there, and only
+    while they hold that lock (a mount's blob fetches add packs, and take none of these locks). So
+    a lock file found by the holder was left by a job that was killed mid-write, and git would
+    refuse to go on ("Unable to create '.../index.lock': File exists") until someone removed it.
+    """
+    found = [*git_dir.glob(TOP_LEVEL_LOCKS), *git_dir.glob(REF_LOCKS)]
+    removed = []
+    for path in found:
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning("%s: removed lock files left by a killed job: %s", git_dir,
+                    ", ".join(str(p.relative_to(git_dir)) for p in removed))  # fmt: skip
+    return removed
+
+
 def check_git_dir(path: Path) -> None:
     """A prepared git directory must exist and be a git directory (not a work tree)."""
     if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
@@ -126,14 +189,15 @@ class Preparation:
     registry: Registry
     repo: RepoState
     job_id: str
-    credential_file: Path | None = None
+    credential_file: Path | None = None  # a blocking add's own: a worker's job never holds one
+    patience: Patience = field(default_factory=Patience)  # for a busy registry (jobs wait it out)
+    failpoint: Phase | None = None  # a fault drill's stop (see jobs.failpoint_from_env)
 
     def phase(self, phase: Phase) -> None:
-        record(
-            self.settings, self.registry, self.repo.name,
-            NewEvent(EventType.PHASE, {"phase": phase.value}, job_id=self.job_id, dedupe_key=f"{self.job_id}:{phase.value}"),
-            guard=current_attempt(self.repo.attempt_version),
-        )  # fmt: skip
+        self._record(NewEvent(EventType.PHASE, {"phase": phase.value}, job_id=self.job_id,
+                              dedupe_key=f"{self.job_id}:{phase.value}"))  # fmt: skip
+        if phase is not Phase.CLONE:  # the clone's stop is once it has landed (see _clone)
+            self._reached(phase)
 
     def run(self) -> str:
         """Run every phase; return the head commit now published as READY."""
@@ -146,22 +210,55 @@ class Preparation:
             check_git_dir(git_dir)
             head = self._fetch(git_dir, source_ref)
         elif (git_dir / "HEAD").is_file():
+            clear_stale_locks(git_dir)  # we hold the repository's lock: see clear_stale_locks
             head = self._fetch(git_dir, source_ref)  # a retry or refresh: the clone is there
         else:
             self._discard_temporaries()
             self.phase(Phase.CLONE)
-            head = clone_blobless(
-                repo.remote_url, repo.ref, git_dir, self.settings.tmp_root, credential_file=self.credential_file
-            ).head
+            head = self._clone(git_dir)
         self.phase(Phase.INDEX)
         write_index(git_dir, head)
         self.phase(Phase.PUBLISH)
-        record(
-            self.settings, self.registry, repo.name,
-            NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"),
-            guard=current_attempt(self.repo.attempt_version),
-        )  # fmt: skip
+        self._record(NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
         return head
+
+    def abandon(self) -> None:
+        """Clear what a run interrupted mid-way leaves (once its git processes are gone): temporary
+        clones, and git's lock files in a git directory of ours."""
+        self._discard_temporaries()
+        git_dir = self.settings.repo_git_dir(self.repo)
+        if not self.repo.prepared_gitdir and git_dir.is_dir():
+            clear_stale_locks(git_dir)
+
+    def _record(self, event: NewEvent) -> None:
+        guard = current_attempt(self.repo.attempt_version)
+        self.patience.retry(lambda: record(self.settings, self.registry, self.repo.name, event, guard=guard), self.repo.name)
+
+    def _reached(self, phase: Phase) -> None:
+        """A fault drill's stop: say so in one line, then wait here until killed."""
+        if phase is not self.failpoint:
+            return
+        log.warning("%s: failpoint phase:%s reached", self.repo.name, phase.value)
+        while True:
+            time.sleep(3600)
+
+    def _clone(self, git_dir: Path) -> str:
+        """Clone into a staging directory of this attempt, then rename the clone into place: git_dir
+        appears only once the clone is complete (and a drill can stop in between)."""
+        tmp_root = self.settings.tmp_root
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{git_dir.name}.", dir=tmp_root))
+        try:
+            staged = staging / git_dir.name
+            head = clone_blobless(
+                self.repo.remote_url, self.repo.ref, staged, tmp_root, credential_file=self.credential_file
+            ).head
+            self._reached(Phase.CLONE)
+            git_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staged, git_dir)  # atomic on one filesystem; fails if git_dir is there
+            return head
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _fetch(self, git_dir: Path, source_ref: str) -> str:
         repo = self.repo
@@ -181,6 +278,11 @@ class Preparation:
         return head
 
     def _discard_temporaries(self) -> None:
-        """Temporary clones of this repository left by a killed attempt (we hold its lock)."""
-        for path in glob.glob(str(self.settings.tmp_root / f"{glob.escape(self.settings.git_dir(self.repo.name).name)}.*")):
-            shutil.rmtree(path, ignore_errors=True)
+        """Temporary clones of this repository left by a killed attempt (we hold its lock).
+
+        mkdtemp names them <name>.git.<random>, the random part without a dot: so those of a
+        repository named, say, "a.git" (a.git.git.<random>) are not taken for those of "a"."""
+        prefix = f"{self.settings.git_dir(self.repo.name).name}."
+        for path in self.settings.tmp_root.glob(f"{glob.escape(prefix)}*"):
+            if "." not in path.name.removeprefix(prefix):
+                shutil.rmtree(path, ignore_errors=True)

@@ -4,7 +4,8 @@ Prepare jobs are at least once: acknowledged only when done (acks_late), put bac
 running them dies (reject_on_worker_lost), one at a time per worker process (prefetch 1), and
 bounded by soft and hard time limits that stay under the broker's visibility timeout, so a slow job
 is never handed to a second worker while the first still runs it. Workers send task events, so
-Flower shows every job with its state, worker and runtime.
+Flower shows every job with its state, worker and runtime. What a job does, and how it fails, is
+artifactfs/jobs.py.
 """
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.job_soft_limit,
         task_time_limit=settings.job_hard_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # The job of a worker killed outright (SIGKILL, OOM, power) goes back to the queue once
+            # its visibility timeout has passed: look for such jobs every 10 s (kombu's sweep period
+            # is 10 s times this throttle, 100 s by default) so that it is not much later than that.
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.queue,
         task_ignore_result=True,  # the event log, not a result backend, holds the outcome

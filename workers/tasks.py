@@ -1,7 +1,8 @@
 """Celery tasks. Arguments name a repository and an attempt, never a URL or a secret: the worker
 reads everything else from the registry. A task id is deterministic per attempt
 (`prepare:<repo>:<version of the event that began it>`), and everything a job appends carries a
-dedupe key, so a redelivered or duplicated job appends nothing twice.
+dedupe key, so a redelivered or duplicated job appends nothing twice. That is what makes the task
+safe to acknowledge late and to run again (Celery's retry, a redelivery after a lost worker).
 
 Anyone who can reach the broker can send a task, so arguments are checked like CLI input before
 anything (a lock file, a directory) is derived from them."""
@@ -14,8 +15,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from artifactfs.config import Settings, load_settings
 from artifactfs.jobs import PREPARE_TASK, PrepareOutcome, run_prepare_job
-from artifactfs.model import InvalidInput
-from artifactfs.remotes import validate_name
+from artifactfs.model import InvalidInput, RegistryBusy
+from artifactfs.remotes import redact, validate_name
 
 from .app import app
 
@@ -43,9 +44,14 @@ def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> str
     name = check_job_arguments(settings, repo, attempt, version, host)
     retries_left = self.request.retries < settings.job_retries
     try:
-        outcome = run_prepare_job(settings, name, version, job_id=self.request.id, may_retry=retries_left)
-    except SoftTimeLimitExceeded:
-        outcome = run_prepare_job(settings, name, version, job_id=self.request.id, timed_out=True)
+        outcome = run_prepare_job(
+            settings, name, version, job_id=self.request.id, may_retry=retries_left, time_limit_error=SoftTimeLimitExceeded
+        )
+    except RegistryBusy as exc:
+        # The job waited the registry out for minutes: hand it back to the queue rather than drop it
+        # (run again, it appends nothing twice). This counts as one of the task's retries.
+        log.warning("%s: the registry stayed busy, the job goes back to the queue: %s", name, redact(str(exc)))
+        raise self.retry(countdown=settings.db_busy_timeout) from None
     if outcome is PrepareOutcome.RETRY:
         # A transient failure (connection reset, early EOF, HTTP 5xx): back off and try again.
         raise self.retry(countdown=min(2 ** self.request.retries, 60))
