@@ -180,7 +180,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     from .stack import down
 
-    for line in down(settings):
+    for line in down(settings, keep_mounts=args.keep_mounts):
         print(line)
     return 0
 
@@ -246,10 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="prepare jobs run at once (default 2)")
 
     p = command("up", cmd_up, "start the embedded stack: redis-server, a worker, mountd and Flower")
-    p.add_argument("--flower-port", type=int, default=int(os.environ.get("ARTIFACTFS_FLOWER_PORT", "5555")))
+    # A string default goes through type=int too: a bad ARTIFACTFS_FLOWER_PORT is a usage error.
+    p.add_argument("--flower-port", type=int, default=os.environ.get("ARTIFACTFS_FLOWER_PORT") or "5555",
+                   help="Flower's port on 127.0.0.1 (default: $ARTIFACTFS_FLOWER_PORT or 5555)")
     p.add_argument("--concurrency", type=int, default=2, help="the worker's prepare jobs at once")
 
-    command("down", cmd_down, "stop what `up` started")
+    p = command("down", cmd_down, "stop what `up` started, then unmount every repository")
+    p.add_argument("--keep-mounts", action="store_true",
+                   help="leave the mounts serving (their processes outlive mountd; the next mountd adopts them)")
     return parser
 
 

@@ -127,7 +127,38 @@ class Artifactfs:
         return int(self.env["ARTIFACTFS_FLOWER_PORT"])
 
     def service_pid(self, name: str) -> int:
+        # A pid file holds "<pid> <start time>" (artifactfs/procs.py).
         return int((self.root / "run" / f"{name}.pid").read_text().split()[0])
+
+    def flower_credential(self) -> str:
+        """user:password of this installation's Flower: ARTIFACTFS_FLOWER_AUTH, else the one `up`
+        generated in <root>/flower-auth."""
+        return self.env.get("ARTIFACTFS_FLOWER_AUTH") or (self.root / "flower-auth").read_text().strip()
+
+    def flower(self, path: str, *, method: str = "GET", body: object = None, auth: bool = True,
+               credential: str | None = None) -> tuple[int, object]:  # fmt: skip
+        """One request to Flower (authenticated unless `auth` is false): (status, decoded body)."""
+        import base64
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.flower_port}{path}", data=data, method=method)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        if auth:
+            token = base64.b64encode((credential or self.flower_credential()).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Signal one service of the stack and wait until its process is gone."""

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -332,9 +331,12 @@ def test_flower_shows_every_prepare_job(stack: Artifactfs, slow: tuple[GitDaemon
     add_async(afs, "seen", daemon.url("slow.git"))
     afs.wait_state("seen", "mounted")
 
+    status, _ = afs.flower("/api/tasks", auth=False)
+    assert status == 401  # Flower's API is closed to whoever does not hold the credential
+
     def job() -> dict | None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{afs.flower_port}/api/tasks", timeout=5) as resp:
-            tasks = json.load(resp)
+        status, tasks = afs.flower("/api/tasks")
+        assert status == 200 and isinstance(tasks, dict), (status, tasks)
         return next((t for t in tasks.values() if t.get("name") == "artifactfs.prepare" and t.get("state") == "SUCCESS"), None)
 
     task = wait_until(job, 30, interval=0.5, what="flower to list the job")
