@@ -1,9 +1,12 @@
 """The readiness gate of a mount: user-facing operations wait here until the repository is ready.
 
 Closed while preparing (waiters block), open once ready, failed after a failed preparation (every
-waiter and later caller gets EIO) until a new attempt resets it. A blocked caller that receives a
-signal (Ctrl-C) is let go with EINTR: pyfuse3 does not pass the kernel's FUSE_INTERRUPT on, so the
-gate watches the caller's pending signals itself.
+waiter and later caller gets EIO) until a new attempt resets it.
+
+Any wait on behalf of a FUSE caller (here at the gate, or for a blob fetch in fs.py) goes through
+`wait_for`: a caller that receives a signal (Ctrl-C, SIGKILL) is let go with EINTR. pyfuse3 does
+not pass the kernel's FUSE_INTERRUPT on, and once the server has read a request the kernel waits
+for its answer uninterruptibly, so the server watches the caller's pending signals itself.
 """
 from __future__ import annotations
 
@@ -24,16 +27,43 @@ class GateState(str, enum.Enum):
 SIGNAL_POLL_SECONDS = 0.05
 
 
+def _mask(fields: dict[bytes, bytes], name: bytes) -> int:
+    return int(fields.get(name, b"0").strip() or b"0", 16)
+
+
 def signal_pending(tid: int) -> bool:
-    """Whether the thread `tid` has a signal pending (SIGINT, or the SIGKILL a fatal one becomes)."""
+    """Whether the thread `tid` has an unblocked signal pending (SIGINT, or the SIGKILL a fatal
+    one becomes).
+
+    A thread the server cannot see has none it could know of: tid 0 is what the kernel reports
+    for a caller in a pid namespace the server does not see into (a container), and a thread that
+    is gone has nothing to be interrupted. Such callers wait like any other.
+    """
+    if tid <= 0:
+        return False
     try:
         with open(f"/proc/{tid}/status", "rb") as fh:
             fields = dict(line.split(b":", 1) for line in fh if b":" in line)
     except OSError:
-        return True  # the caller is gone: nobody waits for this answer
-    pending = int(fields.get(b"SigPnd", b"0").strip() or b"0", 16) | int(fields.get(b"ShdPnd", b"0").strip() or b"0", 16)
-    blocked = int(fields.get(b"SigBlk", b"0").strip() or b"0", 16)
-    return bool(pending & ~blocked)
+        return False
+    pending = _mask(fields, b"SigPnd") | _mask(fields, b"ShdPnd")
+    return bool(pending & ~_mask(fields, b"SigBlk"))
+
+
+async def wait_for(event: trio.Event, caller_tid: int | None) -> None:
+    """Wait until `event` is set; raise FUSEError(EINTR) if the caller gets a signal first.
+
+    `caller_tid` None (an operation pyfuse3 gives no context) or 0 (a caller the server cannot
+    see) just waits.
+    """
+    if not caller_tid:
+        await event.wait()
+        return
+    while not event.is_set():
+        with trio.move_on_after(SIGNAL_POLL_SECONDS):
+            await event.wait()
+        if not event.is_set() and signal_pending(caller_tid):
+            raise pyfuse3.FUSEError(errno.EINTR)
 
 
 class Gate:
@@ -63,12 +93,4 @@ class Gate:
                 return
             if self.state is GateState.FAILED:
                 raise pyfuse3.FUSEError(errno.EIO)
-            changed = self._changed
-            if caller_tid is None:
-                await changed.wait()
-                continue
-            while not changed.is_set():
-                with trio.move_on_after(SIGNAL_POLL_SECONDS):
-                    await changed.wait()
-                if not changed.is_set() and signal_pending(caller_tid):
-                    raise pyfuse3.FUSEError(errno.EINTR)
+            await wait_for(self._changed, caller_tid)
