@@ -4,10 +4,18 @@ Git's own lazy fetch costs one fetch transaction per missing object. Here every 
 joins the next batch: a short window lets concurrent misses gather, then one `git fetch --stdin`
 brings them all. Two readers of the same blob share one fetch; a blob already present never
 touches the network.
+
+No read waits forever on the network: a batch that outlives the fetch deadline is killed, git
+and every process it started (a remote helper holding the connection), and its readers get an
+error. A reader waits on behalf of a caller whose signals end its wait (gate.wait_for); the batch
+goes on for the readers still waiting.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,6 +23,7 @@ from pathlib import Path
 
 import trio
 
+from .gate import wait_for
 from .gitstore import batch_fetch_command, classify_git_error, git_env
 from .model import BlobFetchFailed
 
@@ -45,6 +54,7 @@ class Hydrator:
         git_dir: Path,
         exists: Callable[[str], bool],
         *,
+        fetch_timeout: float,
         window: float = 0.003,
         max_batch: int = 20000,
         credential_env: dict[str, str] | None = None,
@@ -56,8 +66,8 @@ class Hydrator:
         # pack directory, which grows by one pack per batch: ask it again about an object only
         # after a batch may have brought it.
         self._present: set[str] = set()
-        self._absent: dict[str, int] = {}  # oid -> batch generation in which it was missing
-        self._generation = 0
+        self._absent: set[str] = set()  # found missing since the last batch
+        self.fetch_timeout = fetch_timeout  # seconds a batch may take (ARTIFACTFS_FETCH_TIMEOUT)
         self.window = window
         self.max_batch = max_batch
         self.env = credential_env if credential_env is not None else git_env()
@@ -70,13 +80,12 @@ class Hydrator:
     def is_present(self, oid: str) -> bool:
         if oid in self._present:
             return True
-        if self._absent.get(oid) == self._generation:
+        if oid in self._absent:
             return False
         if self._exists(oid):
             self._present.add(oid)
-            self._absent.pop(oid, None)
             return True
-        self._absent[oid] = self._generation
+        self._absent.add(oid)
         return False
 
     def is_pending(self, oid: str) -> bool:
@@ -96,13 +105,20 @@ class Hydrator:
                 self._in_flight.update(batch)
                 try:
                     await self._fetch(batch)
+                except Exception as exc:  # a git dir gone, a full disk: it costs this batch, not the mount
+                    log.error("batch fetch of %d objects failed: %s: %s", len(batch), type(exc).__name__, exc)
+                    for pending in batch.values():
+                        pending.error = pending.error or f"{type(exc).__name__}: {exc}"
                 finally:
                     for oid, pending in batch.items():
                         self._in_flight.pop(oid, None)
                         pending.done.set()
 
-    async def ensure(self, oids: Iterable[str]) -> None:
-        """Return once every object in `oids` is present locally; raise BlobFetchFailed if not."""
+    async def ensure(self, oids: Iterable[str], caller_tid: int | None = None) -> None:
+        """Return once every object in `oids` is present locally; raise BlobFetchFailed if not.
+
+        The wait is on behalf of thread `caller_tid` (see gate.wait_for): a signal to it raises
+        FUSEError(EINTR) at once, and the batch goes on without it."""
         waits: list[tuple[str, _Pending]] = []
         for oid in oids:
             pending = self._in_flight.get(oid) or self._queued.get(oid)
@@ -113,25 +129,15 @@ class Hydrator:
                 self._wakeup.set()
             waits.append((oid, pending))
         for oid, pending in waits:
-            await pending.done.wait()
+            await wait_for(pending.done, caller_tid)
             if pending.error is not None:
                 raise BlobFetchFailed(f"could not fetch {oid}: {pending.error}")
 
     async def _fetch(self, batch: dict[str, _Pending]) -> None:
         started = time.monotonic()
-        payload = "".join(f"{oid}\n" for oid in batch).encode()
-        error: str | None = None
-        try:
-            proc = await trio.run_process(
-                batch_fetch_command(self.git_dir), stdin=payload, capture_stdout=True, capture_stderr=True,
-                check=False, env=self.env,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                error = str(classify_git_error(["fetch"], proc.stderr))
-        except OSError as exc:
-            error = f"could not run git: {exc}"
+        error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
         elapsed = time.monotonic() - started
-        self._generation += 1  # what was missing may be here now
+        self._absent.clear()  # what was missing may be here now
         self.stats.transactions += 1
         self.stats.objects += len(batch)
         self.stats.seconds += elapsed
@@ -145,3 +151,28 @@ class Hydrator:
                 pending.error = error or "the remote did not send it"
         if self.on_batch is not None:
             self.on_batch(self.stats)
+
+    async def _run_fetch(self, payload: bytes) -> str | None:
+        """Run one `git fetch --stdin`; return what went wrong, or None.
+
+        git runs in a process group of its own, so that at the deadline the whole group is
+        killed: git, and the remote helper or index-pack it started, which would otherwise hold
+        the connection (and the pipes run_process reads) open."""
+        with trio.move_on_after(self.fetch_timeout):
+            try:
+                proc = await trio.run_process(
+                    batch_fetch_command(self.git_dir), stdin=payload, capture_stdout=True, capture_stderr=True,
+                    check=False, env=self.env, start_new_session=True, deliver_cancel=_kill_group,
+                )  # fmt: skip
+            except OSError as exc:
+                return f"could not run git: {exc}"
+            if proc.returncode != 0:
+                return str(classify_git_error(["fetch"], proc.stderr))
+            return None
+        return f"timed out after {self.fetch_timeout:g}s (ARTIFACTFS_FETCH_TIMEOUT); git was killed"
+
+
+async def _kill_group(proc: trio.Process) -> None:
+    """How run_process stops a fetch it was cancelled in: SIGKILL to its whole process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
