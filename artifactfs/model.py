@@ -113,6 +113,10 @@ class BlobFetchFailed(GitError):
     pass
 
 
+class ObjectMissing(GitError):
+    """An object the commit shown needs is not in (or cannot be read from) the local git dir."""
+
+
 # --- records ----------------------------------------------------------------------------------
 # Plain dataclasses, so that reading and appending need no ORM import (the CLI's lean path); the
 # SQLModel tables in tables.py have exactly these columns.

@@ -169,6 +169,7 @@ class MountProcess:
             "gate": self.gate.state.value,
             "git_dir": self.shown[0] if self.shown else None,
             "head": self.shown[1] if self.shown else None,
+            "nodes": len(self.fs.nodes), "handles": len(self.fs.handles),  # bounded across refreshes
         }
 
     def _show(self, git_dir: Path, head: str) -> None:
