@@ -52,6 +52,7 @@ __all__ = [
     "GitDaemon",
     "GitHttpServer",
     "HttpRequestRecord",
+    "HungRemote",
     "AUTHOR_NAME",
     "AUTHOR_EMAIL",
     "COMMITTER_NAME",
@@ -997,3 +998,64 @@ class GitHttpServer(_PackCountingServer):
         if proc.returncode and not out:
             return 500, "Internal Server Error", [], b"http-backend failed\n"
         return _split_cgi(out)
+
+
+# --------------------------------------------------------------------------
+# a remote that hangs
+# --------------------------------------------------------------------------
+
+
+class HungRemote:
+    """A TCP listener on 127.0.0.1 that accepts every connection and never answers: a remote
+    whose server hangs.  ``accepted`` counts the connections ever taken; ``close()`` (or
+    leaving the ``with`` block) drops them all, as a restarted server would."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._accepted = 0
+        self._thread = threading.Thread(target=self._accept, name="hung-remote", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, repo_dir_name: str) -> str:
+        """A smart-HTTP URL on this listener: git's remote helper connects and waits forever."""
+        return f"http://{self.address}/{repo_dir_name.lstrip('/')}"
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return self._accepted
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            with self._lock:
+                self._conns.append(conn)
+                self._accepted += 1
+
+    def close(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self._listener.close()
+        self._thread.join(5)
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
