@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,31 +67,45 @@ def artifactfs_mounts() -> set[Path]:
     return {Path(path) for path, fstype in fuse_mounts().items() if fstype == "fuse.artifactfs"}
 
 
-def resolve_outside_mounts(path: Path, mounts: set[Path]) -> Path:
-    """`path` with symbolic links resolved, without ever looking inside an artifactfs mount.
+MAX_SYMLINKS = 40
+
+
+def resolve_outside(path: Path, enclosing: Callable[[Path], str | None], *, strict: bool = False) -> Path:
+    """os.path.realpath(path), one component at a time, refusing before it would look up a name
+    inside a mount: `enclosing(p)` says which mount `p` lies in (None if none).
 
     os.path.realpath would lstat every component, and a lookup inside a gated placeholder waits
     until its repository is ready (for ever, if the caller is the mountd that would open it).
-    So components are resolved one by one, and descending into a mount point is refused.
+    With `strict`, a missing component raises FileNotFoundError (NotADirectoryError where a file
+    stands in the middle); otherwise the rest is taken as written.
     """
     from .model import MountRefused
 
     current = Path("/")
     pending = list(path.parts[1:])
-    hops = 0
-    while pending:
+    links = 0
+    while True:
+        inside = enclosing(current)
+        if inside is not None:
+            raise MountRefused(f"{path} lies inside {inside}: choose a path outside every mount")
+        if not pending:
+            return current
         part = pending.pop(0)
         if part in ("", "."):
             continue
         if part == "..":
             current = current.parent
             continue
-        if current in mounts or any(under(current, m) for m in mounts):
-            raise MountRefused(f"{path} lies inside the artifactfs mount {_enclosing(current, mounts)}: choose a path outside every mount")
         candidate = current / part
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            if strict:
+                raise
+            is_link = False
+        if is_link:
+            links += 1
+            if links > MAX_SYMLINKS:
                 raise MountRefused(f"{path}: too many levels of symbolic links")
             target = Path(os.readlink(candidate))
             pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
@@ -97,11 +113,16 @@ def resolve_outside_mounts(path: Path, mounts: set[Path]) -> Path:
                 current = Path("/")
             continue
         current = candidate
-    return current
 
 
-def _enclosing(path: Path, mounts: set[Path]) -> Path:
-    return max((m for m in mounts if under(path, m)), key=lambda m: len(m.parts), default=path)
+def inside_artifactfs_mount(mounts: set[Path]) -> Callable[[Path], str | None]:
+    """For resolve_outside: the innermost of `mounts` a path lies in."""
+
+    def enclosing(path: Path) -> str | None:
+        found = max((m for m in mounts if under(path, m)), key=lambda m: len(m.parts), default=None)
+        return None if found is None else f"the artifactfs mount {found}"
+
+    return enclosing
 
 
 def check_mount_path(settings: "Settings", name: str, path: str | Path) -> Path:
@@ -116,11 +137,9 @@ def check_mount_path(settings: "Settings", name: str, path: str | Path) -> Path:
     raw = Path(path)
     if not raw.is_absolute() or raw.name != name or ".." in raw.parts:
         raise MountRefused(f"mount path {str(raw)!r} of {name!r} is not <mount root>/{name}")
-    mounts = artifactfs_mounts()
-    parent = resolve_outside_mounts(raw.parent, mounts)
-    if parent in mounts or any(under(parent, m) for m in mounts):
-        raise MountRefused(f"mount path {raw} lies inside the artifactfs mount {_enclosing(parent, mounts)}: choose a --mount-root outside every mount")
-    roots = [resolve_outside_mounts(root, mounts) for root in settings.mount_roots]
+    enclosing = inside_artifactfs_mount(artifactfs_mounts())
+    parent = resolve_outside(raw.parent, enclosing)
+    roots = [resolve_outside(root, enclosing) for root in settings.mount_roots]
     if not any(under(parent, root) for root in roots):
         allowed = ":".join(str(r) for r in settings.mount_roots)
         raise MountRefused(

@@ -405,16 +405,13 @@ class SqliteRegistry(Registry):
     def _create_schema(self) -> None:
         if self.read_only is not None:
             raise sqlite3.OperationalError("attempt to write a readonly database")
-        from sqlalchemy.exc import DBAPIError
+        from sqlalchemy.dialects import sqlite
 
-        from .tables import create_schema  # first use of this database only
+        from .tables import schema_ddl  # first use of this database only
 
-        try:
-            create_schema(self.url)
-        except DBAPIError as exc:
-            if isinstance(exc.orig, sqlite3.Error):
-                raise exc.orig from None
-            raise
+        with self._write():
+            for statement in schema_ddl(sqlite.dialect()):
+                self.conn.execute(statement)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -582,13 +579,24 @@ class SqlAlchemyRegistry(Registry):
                     raise sqlite_failure(exc, file, busy_timeout) from None
                 _tighten(file)
         with self._errors():
-            from sqlmodel import SQLModel, create_engine
+            from sqlmodel import create_engine
 
             from . import tables  # noqa: F401  (registers the tables)
 
             self.engine = create_engine(url, pool_pre_ping=True, connect_args=self._connect_args(url))
-            SQLModel.metadata.create_all(self.engine)
+            self._create_schema()
             self._migrate_projection()
+
+    def _create_schema(self) -> None:
+        """Create what is missing, one process at a time: on PostgreSQL a transaction-scoped
+        advisory lock serialises the DDL (IF NOT EXISTS alone still races in the catalogue)."""
+        from .tables import schema_ddl
+
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('artifactfs schema'))")
+            for statement in schema_ddl(conn.dialect):
+                conn.exec_driver_sql(statement)
 
     def _connect_args(self, url: str) -> dict[str, Any]:
         """How long to wait for the server, and for a lock, before giving up (the busy timeout)."""

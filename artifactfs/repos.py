@@ -24,7 +24,7 @@ from .model import (
     StaleAttempt,
     UnknownRepo,
 )
-from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, unmount, under
+from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, resolve_outside, unmount, under
 from .prepare import Preparation, announce, check_git_dir, fail_attempt, record
 from .registry import Registry
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
@@ -91,7 +91,7 @@ def checked_mount_path(settings: Settings, registry: Registry, name: str, mount_
     fuse = [Path(p) for p in fuse_mounts()]
     mounts = {Path(repo.mount_path): repo.name for repo in registry.repos()}
     _refuse_nested(root, root / name, fuse, mounts)
-    resolved = _resolve_outside(root, fuse, mounts)
+    resolved = _resolve_mount_root(root, fuse, mounts)
     _refuse_nested(resolved, resolved / name, fuse, mounts)
     if not resolved.is_dir():
         raise MountRefused(f"--mount-root {root} is not a directory: give a directory to mount under")
@@ -132,51 +132,23 @@ def _refuse_nested(root: Path, mount_path: Path, fuse: list[Path], mounts: dict[
             )
 
 
-MAX_SYMLINKS = 40
+def _resolve_mount_root(root: Path, fuse: list[Path], mounts: dict[Path, str]) -> Path:
+    """The mount root with symbolic links resolved, refused if it is missing, a file, or leads
+    into a FUSE mount or a repository's mount (through a symbolic link, say)."""
 
-
-def _resolve_outside(path: Path, fuse: list[Path], mounts: dict[Path, str]) -> Path:
-    """os.path.realpath(path), refusing before it would look up a name inside a FUSE mount or
-    step into a repository's mount (through a symbolic link, say)."""
-    resolved = Path("/")
-    pending = list(path.parts[1:])
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            resolved = resolved.parent
-            continue
-        inside = next((m for m in fuse if under(resolved, m)), None)
-        if inside is not None:
-            raise MountRefused(
-                f"--mount-root {path} leads into the FUSE mount {inside}: give a directory outside every FUSE mount"
-            )
-        candidate = resolved / part
-        other = next((name for existing, name in mounts.items() if under(candidate, existing)), None)
+    def enclosing(path: Path) -> str | None:
+        other = next((name for existing, name in mounts.items() if under(path, existing)), None)
         if other is not None:
-            raise MountRefused(
-                f"--mount-root {path} leads inside the mount of repository {other!r} ({candidate}): "
-                "give a directory outside every repository's mount"
-            )
-        try:
-            st = os.lstat(candidate)
-        except FileNotFoundError:
-            raise MountRefused(f"--mount-root {path} does not exist ({candidate} is missing): create it first") from None
-        except NotADirectoryError:
-            raise MountRefused(f"--mount-root {path} is not a directory ({resolved} is a file)") from None
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise MountRefused(f"--mount-root {path}: too many levels of symbolic links")
-            target = Path(os.readlink(candidate))
-            pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
-            if target.is_absolute():
-                resolved = Path("/")
-            continue
-        resolved = candidate
-    return resolved
+            return f"the mount of repository {other!r}"
+        inside = next((m for m in fuse if under(path, m)), None)
+        return None if inside is None else f"the FUSE mount {inside}"
+
+    try:
+        return resolve_outside(root, enclosing, strict=True)
+    except FileNotFoundError as exc:
+        raise MountRefused(f"--mount-root {root} does not exist ({exc.filename} is missing): create it first") from None
+    except NotADirectoryError as exc:
+        raise MountRefused(f"--mount-root {root} is not a directory ({Path(exc.filename).parent} is a file)") from None
 
 
 def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> NewEvent:

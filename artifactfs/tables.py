@@ -51,12 +51,14 @@ class RepoRow(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
-def create_schema(url: str) -> None:
-    """Create the tables (idempotent): the one place the schema is defined."""
-    from sqlmodel import create_engine
+def schema_ddl(dialect: Any) -> list[str]:
+    """The statements that create every table and index, each IF NOT EXISTS: the one place the
+    schema is turned into DDL. Checking first and creating after (SQLAlchemy's create_all) races
+    when two processes open a new registry at once, and the loser fails with "already exists"."""
+    from sqlalchemy.schema import CreateIndex, CreateTable
 
-    engine = create_engine(url)
-    try:
-        SQLModel.metadata.create_all(engine)
-    finally:
-        engine.dispose()
+    statements = []
+    for table in SQLModel.metadata.sorted_tables:
+        statements.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
+        statements += [str(CreateIndex(i, if_not_exists=True).compile(dialect=dialect)) for i in table.indexes]
+    return statements

@@ -18,6 +18,7 @@ from artifactfs.mounts import fuse_mounts, unmount
 from artifactfs.procs import is_running, read_pid_file
 
 from .gitremote import GitDaemon, SampleRepo, make_sample_repo
+from .postgres import PostgresServer
 
 PYTHON = sys.executable
 
@@ -33,7 +34,33 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
-def _zombie(pid: int) -> bool:
+# The kernel function a caller sleeps in until the FUSE server answers its request.
+FUSE_WAIT_CHANNEL = "request_wait_answer"
+
+
+def waits_on_fuse(pid: int, tid: int | None = None) -> bool:
+    """Whether thread `tid` of process `pid` (every thread if None), or any process it started,
+    sleeps waiting for a FUSE server's answer: a request that reached the server and is held there
+    (at the gate, or in a fetch), not one still on its way."""
+    task_root = Path(f"/proc/{pid}/task")
+    try:
+        tids = [str(tid)] if tid is not None else [t.name for t in task_root.iterdir()]
+    except OSError:
+        return False
+    for task in tids:
+        try:
+            if (task_root / task / "wchan").read_text() == FUSE_WAIT_CHANNEL:
+                return True
+            children = (task_root / task / "children").read_text().split()
+        except OSError:
+            continue
+        if any(waits_on_fuse(int(child)) for child in children):
+            return True
+    return False
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie waiting for its parent counts as gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except OSError:
@@ -126,6 +153,16 @@ class Artifactfs:
     def flower_port(self) -> int:
         return int(self.env["ARTIFACTFS_FLOWER_PORT"])
 
+    def mount_process(self, name: str) -> int | None:
+        """The live FUSE server of mount `name`, from the pid file it writes."""
+        proc = read_pid_file(self.root / "run" / "mounts" / f"{name}.pid")
+        return proc.pid if proc is not None else None
+
+    def wait_mount_process(self, name: str) -> int:
+        """The mount process's pid, once written: that comes just after the mount appears."""
+        pid: int = wait_until(lambda: self.mount_process(name), what=f"the pid file of mount {name!r}")
+        return pid
+
     def service_pid(self, name: str) -> int:
         # A pid file holds "<pid> <start time>" (artifactfs/procs.py).
         return int((self.root / "run" / f"{name}.pid").read_text().split()[0])
@@ -164,7 +201,20 @@ class Artifactfs:
         """Signal one service of the stack and wait until its process is gone."""
         pid = self.service_pid(name)
         os.kill(pid, sig)
-        wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30, what=f"{name} to exit")
+        wait_until(lambda: process_gone(pid), 30, what=f"{name} to exit")
+
+    def jobs_settled(self) -> bool:
+        """Whether this host's queue is empty and no job is delivered and unacknowledged: every
+        prepare job published so far has run to its end (jobs are acknowledged late)."""
+        import redis
+
+        client = redis.Redis(unix_socket_path=str(self.root / "run" / "redis.sock"))
+        try:
+            queue = f"artifactfs.{self.env['ARTIFACTFS_HOST']}"
+            waiting = sum(client.llen(key) for key in client.scan_iter(match=f"{queue}*") if client.type(key) == b"list")
+            return waiting == 0 and client.hlen("unacked") == 0
+        finally:
+            client.close()
 
     def log(self, name: str) -> str:
         path = self.root / "log" / f"{name}.log"
@@ -249,6 +299,16 @@ def sample_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sample(sample_base: Path) -> SampleRepo:
     """The sample repository; tests must not change it (use their own for that)."""
     return make_sample_repo(sample_base, "sample")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the run; each test takes a fresh database from it."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

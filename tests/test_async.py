@@ -16,7 +16,7 @@ import pytest
 
 from artifactfs.mounts import fuse_mounts
 
-from .conftest import Artifactfs, wait_until
+from .conftest import Artifactfs, process_gone, wait_until, waits_on_fuse
 from .gitremote import GitDaemon, SampleRepo, add_commit, git, make_sample_repo
 
 
@@ -39,10 +39,15 @@ class Blocked:
         self.result: object = None
         self.error: BaseException | None = None
         self.finished_at: float | None = None
-        self.thread = threading.Thread(target=self._run, args=(action,), daemon=True)
+        self.tid = 0
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(action, started), daemon=True)
         self.thread.start()
+        started.wait()
 
-    def _run(self, action: Callable[[], object]) -> None:
+    def _run(self, action: Callable[[], object], started: threading.Event) -> None:
+        self.tid = threading.get_native_id()
+        started.set()
         try:
             self.result = action()
         except BaseException as exc:  # noqa: BLE001 - handed to the test
@@ -52,6 +57,15 @@ class Blocked:
     @property
     def blocked(self) -> bool:
         return self.thread.is_alive()
+
+    @property
+    def held_by_fuse(self) -> bool:
+        """Blocked inside the mount: the FUSE server holds its request (or a process it ran's)."""
+        return self.thread.is_alive() and waits_on_fuse(os.getpid(), self.tid)
+
+    def wait_held(self, what: str, timeout: float = 20.0) -> None:
+        wait_until(lambda: self.held_by_fuse or not self.blocked, timeout, what=f"{what} to reach the mount")
+        assert self.blocked, f"{what} did not wait: {self.error or self.result!r}"
 
     def join(self, timeout: float = 60.0) -> object:
         self.thread.join(timeout)
@@ -95,10 +109,9 @@ def test_async_add_returns_at_once_and_operations_wait_for_the_clone(
                                                      capture_output=True, text=True, timeout=120)),
         "create": Blocked(lambda: open(mnt / "new-file", "w")),
     }  # fmt: skip
-    time.sleep(1.0)
-    assert afs.status("slow")["state"] == "preparing"
     for name, op in waiting.items():
-        assert op.blocked, f"{name} did not wait for the repository"
+        op.wait_held(name)  # each reached the mount and is held there...
+    assert afs.status("slow")["state"] == "preparing"  # ...while the clone still runs
     # Once the clone's pack is in, blob fetches need not be slow any more.
     wait_until(lambda: "phase=index" in afs.run("events", "--name", "slow").stdout, 60, interval=0.05,
                what="the clone to finish")  # fmt: skip
@@ -165,8 +178,8 @@ def test_prepare_resets_the_gate_while_a_new_attempt_runs(stack: Artifactfs, slo
     afs.run("prepare", "--name", "again")
     afs.wait_phase("again", "fetch", timeout=20)
     listing = Blocked(lambda: os.listdir(mnt / "src"))
-    time.sleep(0.8)
-    assert listing.blocked  # the gate is closed again while the new attempt runs
+    listing.wait_held("ls")  # the gate is closed again while the new attempt runs
+    assert afs.status("again")["state"] == "preparing"
     afs.wait_state("again", "mounted")
     assert "new.py" in listing.join()  # type: ignore[operator]
     assert afs.status("again")["head"] == new_head
@@ -188,7 +201,7 @@ def test_interrupting_a_blocked_ls_returns_at_once(stack: Artifactfs, slow: tupl
     add_async(afs, "intr", daemon.url("slow.git"))
     mnt = afs.wait_mounted("intr")
     ls = subprocess.Popen(["ls", str(mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)
+    wait_until(lambda: waits_on_fuse(ls.pid) or ls.poll() is not None, 20, what="ls to reach the mount")
     assert ls.poll() is None, "ls did not block"
     sent = time.monotonic()
     ls.send_signal(signal.SIGINT)
@@ -223,7 +236,7 @@ def test_worker_killed_mid_clone_leaves_nothing_half_made_and_the_job_completes(
     victim = wait_until(lambda: _try(lambda: process_running_git_clone_for(worker_pool_children(afs))), 10,
                         what="the clone to start")  # fmt: skip
     os.kill(victim, signal.SIGKILL)
-    time.sleep(0.3)
+    wait_until(lambda: process_gone(victim), 10, what="the worker process to die")
     assert not (afs.root / "git" / "killed.git").exists()  # no half-made git directory
     daemon.set_delay(0)
     afs.wait_state("killed", "mounted", timeout=90)  # redelivered, run again, completed
@@ -251,12 +264,11 @@ def test_readiness_published_while_redis_is_down_still_opens_the_gate(
     listing = Blocked(lambda: os.listdir(mnt))
     afs.stop_service("redis", signal.SIGKILL)  # the job finishes while nobody can hear it
     wait_until(lambda: afs.registry_state("outage") == "ready", 60, interval=0.1, what="the job to finish")
-    time.sleep(0.5)
     afs.up()  # Redis back (with its persisted queue); mountd resubscribes and re-reads the log
     listing.join(30)
     afs.wait_state("outage", "mounted")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
-    time.sleep(2)  # a redelivered job, if any, must find nothing to do
+    wait_until(afs.jobs_settled, 60, what="every delivered job to end")  # a redelivered one finds nothing to do
     assert event_types(afs, "outage").count("ready") == 1
 
 
@@ -269,7 +281,7 @@ def test_mountd_restarted_mid_prepare(stack: Artifactfs, slow: tuple[GitDaemon, 
     afs.wait_phase("restart", "clone", timeout=20)
     listing = Blocked(lambda: os.listdir(mnt))  # waits at the gate across the restart
     afs.stop_service("mountd")
-    assert str(mnt) in fuse_mounts() and listing.blocked  # the placeholder stays, still gated
+    assert str(mnt) in fuse_mounts() and listing.held_by_fuse  # the placeholder stays, still gated
     afs.up()  # mountd again: it adopts the placeholder and opens its gate once the clone lands
     afs.wait_state("restart", "mounted", timeout=60)
     assert "README.md" in listing.join()  # type: ignore[operator]
@@ -320,7 +332,7 @@ def test_a_duplicated_job_appends_nothing_twice(stack: Artifactfs, slow: tuple[G
     out = subprocess.run([os.sys.executable, "-c", code], env=afs.env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "prepare:dup:1"
     afs.wait_state("dup", "mounted")
-    time.sleep(3)  # let the duplicate run to its end
+    wait_until(lambda: afs.log("worker").count("[prepare:dup:1] succeeded") == 2, 60, what="both deliveries to end")
     types = event_types(afs, "dup")
     assert types == ["registered", "phase", "phase", "phase", "phase", "ready"]
 

@@ -27,7 +27,6 @@ from artifactfs.registry import open_registry
 
 from .conftest import PYTHON, Artifactfs, wait_until
 from .gitremote import GitDaemon, GitHttpServer, SampleRepo, make_sample_repo
-from .postgres import PostgresServer
 
 # --- helpers ----------------------------------------------------------------------------------------
 
@@ -343,14 +342,28 @@ def test_a_worker_never_prepares_a_repository_with_inline_credentials(afs: Artif
         afs.up()
         afs.add("private", server.url("private.git", with_credentials=True))  # blocking: the CLI clones
         assert (afs.root / "credentials" / "private").exists()
+        # Its attempts run here, in the calling process, never in a worker. Leave one unfinished
+        # (the command dies mid-fetch), then forge a job for it: a redelivery, or anyone who
+        # reaches the broker through Flower.
+        server.clear_requests()
+        server.set_delay(60)
+        prepare = subprocess.Popen([PYTHON, "-m", "artifactfs.cli", "prepare", "--name", "private"], env=afs.env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            wait_until(lambda: server.requests, 60, interval=0.05, what="prepare to reach the server")
+        finally:
+            prepare.kill()
+            prepare.wait()
+        server.set_delay(0)
         before = history(afs, "private")
         server.clear_requests()
-        afs.run("prepare", "--name", "private")  # mountd hands this attempt to a worker
+        assert afs.registry_state("private") == "preparing"
+        assert publish_duplicate(afs, "private").startswith("prepare:private:")
         wait_until(lambda: "private: skipped: the repository has inline credentials" in afs.log("worker"), 60,
                    interval=0.1, what="the worker to refuse the job")  # fmt: skip
-        assert history(afs, "private") == [*before, "prepare_requested"]  # nothing appended by the job
+        assert history(afs, "private") == before  # nothing appended by the job
         assert server.requests == []  # the worker never used the credential
-        assert afs.registry_state("private") == "preparing"
+        assert afs.registry_state("private") == "preparing"  # until the deadline, or `prepare` here
         assert TOKEN not in afs.log("worker")
 
 
@@ -502,15 +515,6 @@ def test_the_same_task_delivered_twice_to_the_worker_at_once_appends_nothing_twi
     log = afs.log("worker")
     assert ": 'ready'" in log and ": 'skipped'" in log
     assert history(afs, "dup") == ["registered", "phase:validate", "phase:clone", "phase:index", "phase:publish", "ready"]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _append_at_once(url: str, driver: str, me: int, report: Any, go: Any) -> None:

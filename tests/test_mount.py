@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs.procs import read_pid_file
 
 from .conftest import Artifactfs, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, make_many_files_repo, make_sample_repo
@@ -204,7 +203,7 @@ def test_mounts_outlive_mountd_and_the_next_one_adopts_them(afs: Artifactfs, git
     daemon = afs.start_daemon()
     mnt = afs.wait_mounted("restart")
     assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
-    server = mount_process_pid(afs, "restart")
+    server = afs.wait_mount_process("restart")
     hydrated = afs.status("restart")["hydrated_blobs"]
     afs.stop_daemon(daemon, sig=sig)
     # No mountd now: the mount keeps serving, hydrated and unhydrated files alike.
@@ -216,14 +215,14 @@ def test_mounts_outlive_mountd_and_the_next_one_adopts_them(afs: Artifactfs, git
     afs.start_daemon("mountd2.log")
     adopted = lambda: "adopted mount process" in (afs.root / "mountd2.log").read_text()  # noqa: E731
     wait_until(adopted, what="the new mountd to adopt the mount")
-    assert mount_process_pid(afs, "restart") == server  # the same process: adopted, not replaced
+    assert afs.mount_process("restart") == server  # the same process: adopted, not replaced
     assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"]
     assert afs.status("restart")["hydrated_blobs"] == hydrated + 1
     assert git_daemon.fetch_count() == 0
     # Adopted means supervised again: removal takes the mount down through it.
     afs.run("remove-repo", "--name", "restart")
     afs.wait_unmounted("restart")
-    wait_until(lambda: mount_process_pid(afs, "restart") is None, what="the mount process to exit")
+    wait_until(lambda: afs.mount_process("restart") is None, what="the mount process to exit")
 
 
 def test_daemon_follows_adds_and_removes(afs: Artifactfs, sample: SampleRepo) -> None:
@@ -244,20 +243,13 @@ def readable(path: Path) -> bool:
         return False
 
 
-def mount_process_pid(afs: Artifactfs, name: str) -> int | None:
-    """The live FUSE server of mount `name`, from the pid file it writes."""
-    proc = read_pid_file(afs.root / "run" / "mounts" / f"{name}.pid")
-    return proc.pid if proc is not None else None
-
-
 def test_a_crashed_mount_process_is_replaced(afs: Artifactfs, sample: SampleRepo) -> None:
     afs.add("crash", sample.url)
     afs.start_daemon()
     mnt = afs.wait_mounted("crash")
-    pid = mount_process_pid(afs, "crash")
-    assert pid is not None
+    pid = afs.wait_mount_process("crash")
     os.kill(pid, 9)  # the FUSE server dies: the mount is left stale (ENOTCONN)
-    wait_until(lambda: mount_process_pid(afs, "crash") not in (None, pid), what="a new mount process")
+    wait_until(lambda: afs.mount_process("crash") not in (None, pid), what="a new mount process")
     wait_until(lambda: readable(mnt / "README.md"), what="the mount to come back")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
 
@@ -266,8 +258,7 @@ def test_a_new_daemon_takes_down_a_stale_mount(afs: Artifactfs, sample: SampleRe
     afs.add("stale", sample.url)
     daemon = afs.start_daemon()
     mnt = afs.wait_mounted("stale")
-    pid = mount_process_pid(afs, "stale")
-    assert pid is not None
+    pid = afs.wait_mount_process("stale")
     os.kill(pid, 9)
     afs.stop_daemon(daemon, sig=9)  # nobody is left to clean up
     with pytest.raises(OSError) as info:

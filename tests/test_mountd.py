@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts
-from artifactfs.procs import read_pid_file
 
-from .conftest import Artifactfs, wait_until
+from .conftest import Artifactfs, process_gone, wait_until
 from .gitremote import GitDaemon, SampleRepo, make_sample_repo
 from .test_async import Blocked, add_async, event_types
-
-
-def mount_process(afs: Artifactfs, name: str) -> int | None:
-    proc = read_pid_file(afs.root / "run" / "mounts" / f"{name}.pid")
-    return proc.pid if proc is not None else None
 
 
 def register_unchecked(afs: Artifactfs, name: str, remote: str, mount_path: Path) -> None:
@@ -44,15 +38,13 @@ def test_a_hung_mount_process_is_replaced_at_adoption(afs: Artifactfs, sample: S
     afs.add("hung", sample.url)
     daemon = afs.start_daemon()
     mnt = afs.wait_mounted("hung")
-    old = mount_process(afs, "hung")
-    assert old is not None
+    old = afs.wait_mount_process("hung")
     afs.stop_daemon(daemon, sig=signal.SIGKILL)
     os.kill(old, signal.SIGSTOP)  # alive, but answers nothing: its handshake will hang
     afs.start_daemon("mountd2.log")
-    wait_until(lambda: mount_process(afs, "hung") not in (None, old), 30, what="a new mount process")
+    wait_until(lambda: afs.mount_process("hung") not in (None, old), 30, what="a new mount process")
     assert "does not answer" in (afs.root / "mountd2.log").read_text()
-    wait_until(lambda: not Path(f"/proc/{old}").exists() or "Z" in Path(f"/proc/{old}/stat").read_text().split()[2],
-               10, what="the hung process to be gone")  # fmt: skip
+    wait_until(lambda: process_gone(old), 10, what="the hung process to be gone")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
     assert afs.status("hung")["state"] == "mounted"
 
@@ -62,7 +54,7 @@ def test_a_stale_mount_is_shown_as_stale_with_how_to_recover(afs: Artifactfs, sa
     daemon = afs.start_daemon()
     afs.wait_mounted("stale")
     afs.stop_daemon(daemon, sig=signal.SIGKILL)
-    os.kill(mount_process(afs, "stale"), signal.SIGKILL)  # type: ignore[arg-type]
+    os.kill(afs.wait_mount_process("stale"), signal.SIGKILL)
     wait_until(lambda: afs.status("stale")["state"] == "stale", what="status to see the stale mount")
     row = afs.status("stale")
     assert "stale" in str(row["problem"]) and "artifactfs up" in str(row["problem"])

@@ -11,6 +11,7 @@ import sqlite3
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -31,19 +32,10 @@ from artifactfs.tables import EventRow, RepoRow
 
 from .conftest import Artifactfs, new_installation
 from .gitremote import SampleRepo
-from .postgres import PostgresServer
+from .postgres import PostgresServer  # the type of the `postgres` fixture
 from .test_cli_errors import footprint
 
 DRIVERS = ["sqlite", "sqlalchemy", "postgresql"]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=DRIVERS)
@@ -95,6 +87,34 @@ def _writer(url: str, driver: str, worker: int, count: int) -> None:
         event = NewEvent(EventType.PHASE, {"phase": "clone", "writer": worker, "i": i})
         registry.append(stream, lambda _repo, event=event: [event])
     registry.close()
+
+
+def _open_at_once(url: str, driver: str, go: Any, report: Any) -> None:
+    go.wait(60)
+    try:
+        registry = open_for(driver, url)
+        register(registry, f"r{os.getpid()}")
+        registry.close()
+        report.put("ok")
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        report.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_registry_at_once_all_succeed(url_for: Callable[[], str], driver: str) -> None:
+    # A daemon and a CLI command meeting a registry that does not exist yet: before the schema
+    # was created IF NOT EXISTS under a lock, the loser failed with "table events already exists".
+    url = url_for()
+    ctx = multiprocessing.get_context("spawn")
+    go, report = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_open_at_once, args=(url, driver, go, report)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    go.set()
+    results = [report.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert results == ["ok"] * len(procs)
+    assert len(open_for(driver, url).repos()) == len(procs)
 
 
 def test_concurrent_writers_never_see_database_locked(url_for: Callable[[], str], driver: str) -> None:
