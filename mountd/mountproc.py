@@ -191,9 +191,16 @@ class MountProcess:
         self.shown = (str(git_dir), head)
 
     def _write_stats(self, stats: FetchStats) -> None:
+        """Record the fetch statistics (for bench and people). It runs inside the hydrator's batch
+        loop, where an error would end the whole mount: a statistics file that cannot be written
+        (the state root's file system is full) costs the statistics, never the mount."""
         tmp = self.stats_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stats.__dict__))
-        os.replace(tmp, self.stats_file)
+        try:
+            tmp.write_text(json.dumps(stats.__dict__))
+            os.replace(tmp, self.stats_file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: could not write %s: %s", self.name, self.stats_file, exc.strerror or exc)
 
 
 def _await_mount_order() -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ from celery import Celery
 
 from artifactfs.config import Settings, load_settings
 
+from .broker import guard_channels_of_lost_connections
+
 
 def broker_url(redis_url: str) -> str:
     """kombu spells a Redis Unix socket redis+socket:///path."""
@@ -22,6 +24,7 @@ def broker_url(redis_url: str) -> str:
 
 
 def make_app(settings: Settings) -> Celery:
+    guard_channels_of_lost_connections()  # a Redis restart must not end the worker (see broker.py)
     app = Celery("artifactfs", broker=broker_url(settings.wakeup_url), include=["workers.tasks"])
     app.conf.update(
         task_acks_late=True,
