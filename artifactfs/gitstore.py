@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .credentials import Credential, helper_command, write_credential_file
 from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
+from .procs import open_files
 from .remotes import Remote, redact
 
 PR_SET_PDEATHSIG = 1
@@ -219,6 +220,29 @@ def configure_credential_helper(git_dir: Path, credential_file: Path) -> None:
 
 def batch_fetch_command(git_dir: Path) -> list[str]:
     return ["git", f"--git-dir={git_dir}", *BATCH_FETCH_ARGS]
+
+
+# What git writes into objects/pack/ before it renames a finished pack into place.
+TEMPORARY_PACK_PATTERNS = ("tmp_pack_*", "tmp_idx_*", "tmp_rev_*", "tmp_mtimes_*")
+
+
+def temporary_packs(git_dir: Path) -> set[Path]:
+    pack_dir = git_dir / "objects" / "pack"
+    return {p for pattern in TEMPORARY_PACK_PATTERNS for p in pack_dir.glob(pattern) if p.is_file()}
+
+
+def remove_abandoned_packs(git_dir: Path, among: set[Path] | None = None) -> list[Path]:
+    """Remove the temporary pack files (of `among`, or all) that no process has open: what a git
+    fetch that failed or was killed left behind. Nothing else ever removes them (gc.auto is off),
+    and on a full disk they hold the very space that is missing. A fetch at work holds its
+    temporary pack open, so it keeps it."""
+    candidates = temporary_packs(git_dir) if among is None else {p for p in among if p.is_file()}
+    if not candidates:
+        return []
+    removed = sorted(candidates - open_files(candidates))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from .gate import wait_for
-from .gitstore import batch_fetch_command, classify_git_error, git_env
+from .gitstore import batch_fetch_command, classify_git_error, git_env, remove_abandoned_packs, temporary_packs
 from .model import BlobFetchFailed
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,17 @@ class Hydrator:
 
     async def _fetch(self, batch: dict[str, _Pending]) -> None:
         started = time.monotonic()
+        before = temporary_packs(self.git_dir)
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
         elapsed = time.monotonic() - started
+        if error is not None:
+            # git is gone (failed or killed with its group): a temporary pack it began is waste,
+            # and on a full disk it holds the very space the next fetch needs.
+            left = await trio.to_thread.run_sync(
+                lambda: remove_abandoned_packs(self.git_dir, temporary_packs(self.git_dir) - before)
+            )
+            if left:
+                log.info("removed %d temporary pack files of the failed fetch", len(left))
         self._absent.clear()  # what was missing may be here now
         self.stats.transactions += 1
         self.stats.objects += len(batch)

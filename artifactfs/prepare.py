@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import Settings
-from .gitstore import clone_blobless, git_env, run_git
+from .gitstore import clone_blobless, git_env, remove_abandoned_packs, run_git
 from .model import (
     EventType,
     InvalidInput,
@@ -156,14 +156,16 @@ TOP_LEVEL_LOCKS = "*.lock"
 REF_LOCKS = "refs/**/*.lock"
 
 
-def clear_stale_locks(git_dir: Path) -> list[Path]:
-    """Remove the lock files a killed git left in one of our git directories; return them.
+def clear_leftovers(git_dir: Path) -> list[Path]:
+    """Remove the lock files and temporary packs a killed git left in one of our git directories;
+    return them.
 
     Safe only under the repository's lock, and only in a git directory of ours (never a prepared
     one, where its owner's git may be at work): only our own prepare jobs write there, and only
-    while they hold that lock (a mount's blob fetches add packs, and take none of these locks). So
-    a lock file found by the holder was left by a job that was killed mid-write, and git would
-    refuse to go on ("Unable to create '.../index.lock': File exists") until someone removed it.
+    while they hold that lock (a mount's blob fetches add packs, and take none of these locks, but
+    hold their temporary pack open, which keeps it). So a lock file found by the holder was left by
+    a job that was killed mid-write, and git would refuse to go on ("Unable to create
+    '.../index.lock': File exists") until someone removed it.
     """
     found = [*git_dir.glob(TOP_LEVEL_LOCKS), *git_dir.glob(REF_LOCKS)]
     removed = []
@@ -171,8 +173,9 @@ def clear_stale_locks(git_dir: Path) -> list[Path]:
         if path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
             removed.append(path)
+    removed += remove_abandoned_packs(git_dir)
     if removed:
-        log.warning("%s: removed lock files left by a killed job: %s", git_dir,
+        log.warning("%s: removed what a killed git left: %s", git_dir,
                     ", ".join(str(p.relative_to(git_dir)) for p in removed))  # fmt: skip
     return removed
 
@@ -210,7 +213,7 @@ class Preparation:
             check_git_dir(git_dir)
             head = self._fetch(git_dir, source_ref)
         elif (git_dir / "HEAD").is_file():
-            clear_stale_locks(git_dir)  # we hold the repository's lock: see clear_stale_locks
+            clear_leftovers(git_dir)  # we hold the repository's lock: see clear_leftovers
             head = self._fetch(git_dir, source_ref)  # a retry or refresh: the clone is there
         else:
             self._discard_temporaries()
@@ -228,7 +231,7 @@ class Preparation:
         self._discard_temporaries()
         git_dir = self.settings.repo_git_dir(self.repo)
         if not self.repo.prepared_gitdir and git_dir.is_dir():
-            clear_stale_locks(git_dir)
+            clear_leftovers(git_dir)
 
     def _record(self, event: NewEvent) -> None:
         guard = current_attempt(self.repo.attempt_version)

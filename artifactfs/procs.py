@@ -72,3 +72,27 @@ def cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
         return []
+
+
+def open_files(candidates: set[Path]) -> set[Path]:
+    """Which of `candidates` some process on this host has open (every /proc/<pid>/fd is read).
+
+    Costly on a busy host, so only for rare paths: deciding whether a file a killed writer left
+    behind is really abandoned."""
+    wanted = {str(p) for p in candidates}
+    found: set[Path] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue  # gone, or not ours to look into
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry.name}/fd/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                found.add(Path(target))
+    return found

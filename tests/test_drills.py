@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts
-from artifactfs.procs import cmdline, identify, read_pid_file
+from artifactfs.procs import cmdline, identify
 from artifactfs.registry import open_registry
 
 from .conftest import Artifactfs, new_installation, wait_until
@@ -181,11 +181,6 @@ def assert_nothing_lost(afs: Artifactfs, repos: Collection[str], *, failed: Mapp
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def mount_process(afs: Artifactfs, name: str) -> int | None:
-    proc = read_pid_file(afs.root / "run" / "mounts" / f"{name}.pid")
-    return proc.pid if proc is not None else None
-
-
 def service_alive(afs: Artifactfs, name: str, pid: int) -> bool:
     return afs.service_pid(name) == pid and identify(pid) is not None
 
@@ -205,7 +200,7 @@ def test_mountd_killed_mid_read_and_mid_prepare(afs: Artifactfs, held: HeldRemot
     add_async(afs, "gated", held.url)
     afs.wait_phase("gated", "validate")
     gated = afs.mount_path("gated")
-    servers = {name: mount_process(afs, name) for name in ("reading", "gated")}
+    servers = {name: afs.wait_mount_process(name) for name in ("reading", "gated")}
 
     big = Blocked(lambda: (reading / "assets/big.txt").read_bytes())  # 2 MiB, not hydrated yet
     listing = Blocked(lambda: sorted(os.listdir(gated)))  # waits at the gate
@@ -226,7 +221,7 @@ def test_mountd_killed_mid_read_and_mid_prepare(afs: Artifactfs, held: HeldRemot
                    what=f"mountd to adopt {name}")  # fmt: skip
     top = {p.split("/")[0] for p in [*sample.files, *sample.symlinks, *sample.gitlinks]}
     assert listing.join(60) == sorted(top | {".git"})
-    assert {name: mount_process(afs, name) for name in servers} == servers  # adopted, not replaced
+    assert {name: afs.mount_process(name) for name in servers} == servers  # adopted, not replaced
     assert (gated / "src/app.py").read_bytes() == sample.files["src/app.py"]
     assert_nothing_lost(afs, ["reading", "gated"])
 
@@ -310,7 +305,7 @@ def test_remote_vanishing_mid_fetch_gives_eio_then_the_same_read_works(afs: Arti
     add_async(afs, "vanish", git_daemon.url("vanish.git"))
     afs.wait_state("vanish", "mounted")
     mnt = afs.mount_path("vanish")
-    server = mount_process(afs, "vanish")
+    server = afs.wait_mount_process("vanish")
 
     # The remote goes away while a lazy fetch is in flight (its pack is being held back).
     git_daemon.set_delay(60.0)
@@ -331,7 +326,7 @@ def test_remote_vanishing_mid_fetch_gives_eio_then_the_same_read_works(afs: Arti
     git_daemon.start()  # back on the same port
     assert (mnt / "assets/big.txt").read_bytes() == sample.files["assets/big.txt"]
     assert (mnt / "src/lib/util.py").read_bytes() == sample.files["src/lib/util.py"]
-    assert mount_process(afs, "vanish") == server  # the same mount: nothing was remounted
+    assert afs.mount_process("vanish") == server  # the same mount: nothing was remounted
     assert_nothing_lost(afs, ["vanish"])
 
 
@@ -384,12 +379,6 @@ def temporary_packs(afs: Artifactfs) -> list[Path]:
     return list((afs.root / "git").glob("*.git/objects/pack/tmp_*"))
 
 
-# What this drill waits for: a batch fetch that fails (here on a full disk) leaves git's temporary
-# pack behind, holding the space it got; with gc.auto=0 nothing ever removes it.
-TEMPORARY_PACKS_WAIT = ("waits for hydrator.py to remove git's temporary packs (objects/pack/tmp_pack_*) after a "
-                        "failed batch fetch")  # fmt: skip
-
-
 def test_a_full_state_root_fails_a_clone_and_a_read_cleanly(small: Artifactfs, tmp_path: Path, sample: SampleRepo) -> None:
     afs, top = small, small.root.parent
     # Its blobless clone alone (trees of 20000 entries) needs more than the headroom.
@@ -398,7 +387,7 @@ def test_a_full_state_root_fails_a_clone_and_a_read_cleanly(small: Artifactfs, t
     add_async(afs, "roomy", sample.url)
     afs.wait_state("roomy", "mounted")
     mnt = afs.mount_path("roomy")
-    server = mount_process(afs, "roomy")
+    server = afs.wait_mount_process("roomy")
 
     with filled(top, HEADROOM):
         add_async(afs, "wide", wide.url)
@@ -409,17 +398,13 @@ def test_a_full_state_root_fails_a_clone_and_a_read_cleanly(small: Artifactfs, t
         with pytest.raises(OSError) as info:
             (mnt / "assets/blob.bin").read_bytes()
         assert info.value.errno == errno.EIO
-        assert afs.status("roomy")["state"] == "mounted" and mount_process(afs, "roomy") == server
+        assert temporary_packs(afs) == []  # the failed fetch's temporary pack went with it
+        assert afs.status("roomy")["state"] == "mounted" and afs.mount_process("roomy") == server
         assert str(mnt) in fuse_mounts() and os.listdir(mnt)
 
     assert (mnt / "assets/blob.bin").read_bytes() == sample.files["assets/blob.bin"]  # no remount needed
-    assert mount_process(afs, "roomy") == server
-    left = temporary_packs(afs)
-    for pack in left:  # known (see below): cleared so that the checker can judge everything else
-        pack.unlink()
+    assert afs.mount_process("roomy") == server
     assert_nothing_lost(afs, ["roomy", "wide"], failed={"wide": "No space left on device"})
-    if left:
-        pytest.xfail(f"{TEMPORARY_PACKS_WAIT}: left {', '.join(p.name for p in left)}")
 
 
 # --- 6. many adds at once -----------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import trio.testing
 from artifactfs import fs as treefs
 from artifactfs.gate import Gate, GateState, wait_for
 from artifactfs.mounts import fuse_mounts
-from artifactfs.procs import cmdline, read_pid_file
+from artifactfs.procs import cmdline
 from mountd.control import ControlClient
 
-from .conftest import Artifactfs, wait_until
+from .conftest import Artifactfs, wait_until, waits_on_fuse
 from .gitremote import HungRemote, SampleRepo, add_commit, git, make_sample_repo
 
 FILE = "src/app.py"
@@ -43,11 +43,6 @@ def set_remote(afs: Artifactfs, name: str, url: str) -> None:
     git("--git-dir", git_dir(afs, name), "config", "remote.origin.url", url)
 
 
-def mount_pid(afs: Artifactfs, name: str) -> int | None:
-    proc = read_pid_file(afs.root / "run" / "mounts" / f"{name}.pid")
-    return proc.pid if proc is not None else None
-
-
 def describe(afs: Artifactfs, name: str) -> dict[str, object]:
     """What the mount process says of itself on its control socket."""
     client = ControlClient(afs.root / "run" / "mounts" / f"{name}.sock", timeout=10)
@@ -55,15 +50,6 @@ def describe(afs: Artifactfs, name: str) -> dict[str, object]:
         return client.request({"op": "hello"})
     finally:
         client.close()
-
-
-def blocked_in_fuse(pid: int) -> bool:
-    """Whether process `pid` sleeps in the kernel waiting for a FUSE server's answer."""
-    try:
-        wchan = Path(f"/proc/{pid}/wchan").read_text()
-    except OSError:
-        return False
-    return "fuse" in wchan or "request_wait_answer" in wchan
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -158,14 +144,14 @@ def test_a_hung_remote_fails_the_read_at_the_fetch_deadline(afs: Artifactfs, sam
 def test_a_reader_waiting_on_a_hung_fetch_is_freed_by_a_signal(afs: Artifactfs, sample: SampleRepo) -> None:
     afs.env["ARTIFACTFS_FETCH_TIMEOUT"] = "60"  # far beyond what the test waits
     mnt = mount_sample(afs, sample)
-    server = mount_pid(afs, "faults")
+    server = afs.wait_mount_process("faults")
     with HungRemote() as hung:
         set_remote(afs, "faults", hung.url("faults.git"))
         interrupted, killed = reader(mnt / FILE), reader(mnt / FILE)
         try:
             wait_until(lambda: hung.accepted >= 1, 15, what="the fetch to reach the hung remote")
             for proc in (interrupted, killed):
-                wait_until(lambda: blocked_in_fuse(proc.pid), 15, what=f"reader {proc.pid} to wait on the fetch")
+                wait_until(lambda: waits_on_fuse(proc.pid), 15, what=f"reader {proc.pid} to wait on the fetch")
             interrupted.send_signal(signal.SIGINT)  # Ctrl-C
             wait_until(lambda: exited(interrupted), 5, interval=0.05, what="the interrupted reader to exit")
             killed.kill()
@@ -179,7 +165,7 @@ def test_a_reader_waiting_on_a_hung_fetch_is_freed_by_a_signal(afs: Artifactfs, 
     wait_until(lambda: "batch fetch of 1 objects failed" in afs.daemon_log(), 15, what="the batch to end")
     set_remote(afs, "faults", sample.url)  # the remote is back: the same read works, same mount
     assert (mnt / FILE).read_bytes() == sample.files[FILE]
-    assert mount_pid(afs, "faults") == server
+    assert afs.mount_process("faults") == server
 
 
 # --- a fault inside one operation ---
@@ -187,7 +173,7 @@ def test_a_reader_waiting_on_a_hung_fetch_is_freed_by_a_signal(afs: Artifactfs, 
 
 def test_an_unreadable_object_costs_one_operation_not_the_mount(afs: Artifactfs, sample: SampleRepo) -> None:
     mnt = mount_sample(afs, sample)
-    server = mount_pid(afs, "faults")
+    server = afs.wait_mount_process("faults")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
     # A corrupt object behind the mount's back: FILE's blob as a loose object that will not inflate.
     # The mount finds the object and fails to read it.
@@ -200,7 +186,7 @@ def test_an_unreadable_object_costs_one_operation_not_the_mount(afs: Artifactfs,
         (mnt / FILE).read_bytes()
     assert info.value.errno == errno.EIO
     # The same mount keeps serving: lookups, listings, hydrated and unhydrated files.
-    assert str(mnt) in fuse_mounts() and mount_pid(afs, "faults") == server
+    assert str(mnt) in fuse_mounts() and afs.mount_process("faults") == server
     assert sorted(os.listdir(mnt / "src" / "lib")) == ["data.json", "util.py"]
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
     assert (mnt / "src/lib/util.py").read_bytes() == sample.files["src/lib/util.py"]

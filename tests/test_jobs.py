@@ -310,11 +310,17 @@ def test_stale_git_locks_left_by_a_killed_job_are_cleared(afs: Artifactfs, sampl
     git_dir = afs.root / "git" / "locked.git"
     for name in STALE_LOCKS:  # as a job killed mid-write leaves them
         (git_dir / name).write_text("")
-    assert afs.run("prepare", "--name", "locked").stdout.strip() == "queued locked (attempt 2)"
-    row = settled(afs, "locked")
+    abandoned, in_use = git_dir / "objects/pack/tmp_pack_Ab3dEf", git_dir / "objects/pack/tmp_pack_InUse1"
+    abandoned.write_bytes(b"PACK half a pack")  # a fetch killed mid-write
+    in_use.write_bytes(b"PACK")
+    with in_use.open("ab"):  # a fetch at work (a mount's) holds its temporary pack open
+        assert afs.run("prepare", "--name", "locked").stdout.strip() == "queued locked (attempt 2)"
+        row = settled(afs, "locked")
+        assert in_use.exists()
     assert row["state"] == "mounted", row["prepare_error"]
     assert [name for name in STALE_LOCKS if (git_dir / name).exists()] == []
-    assert "removed lock files left by a killed job" in afs.log("worker")
+    assert not abandoned.exists()
+    assert "removed what a killed git left" in afs.log("worker")
     assert (afs.mount_path("locked") / "README.md").read_bytes() == sample.files["README.md"]
 
 
