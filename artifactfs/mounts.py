@@ -84,10 +84,13 @@ def resolve_outside(path: Path, enclosing: Callable[[Path], str | None], *, stri
     current = Path("/")
     pending = list(path.parts[1:])
     links = 0
+    missing: OSError | None = None  # raised once `current`, the missing name, is known to lie outside
     while True:
         inside = enclosing(current)
         if inside is not None:
             raise MountRefused(f"{path} lies inside {inside}: choose a path outside every mount")
+        if missing is not None:
+            raise missing
         if not pending:
             return current
         part = pending.pop(0)
@@ -99,9 +102,10 @@ def resolve_outside(path: Path, enclosing: Callable[[Path], str | None], *, stri
         candidate = current / part
         try:
             is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
-        except (FileNotFoundError, NotADirectoryError):
-            if strict:
-                raise
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if strict:  # a registered mount path need not exist yet: that refusal comes first
+                missing, current = exc, candidate
+                continue
             is_link = False
         if is_link:
             links += 1

@@ -308,7 +308,7 @@ def _tighten(path: Path) -> None:
                 os.chmod(file, stat.S_IMODE(st.st_mode) & 0o600)
         except FileNotFoundError:
             continue
-        except PermissionError:
+        except OSError:
             continue  # a read-only file system: nothing to tighten there, and it is not ours to fix
 
 
@@ -365,7 +365,7 @@ class SqliteRegistry(Registry):
         with self._errors():
             if self.read_only is None:
                 self._create(file)
-                _tighten(file)
+            _tighten(file)  # a write-protected registry too: it only takes bits away
             self.conn = self._connect(file)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
@@ -577,7 +577,7 @@ class SqlAlchemyRegistry(Registry):
                     SqliteRegistry._create(file)
                 except sqlite3.Error as exc:
                     raise sqlite_failure(exc, file, busy_timeout) from None
-                _tighten(file)
+            _tighten(file)
         with self._errors():
             from sqlmodel import create_engine
 

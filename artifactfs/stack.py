@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
@@ -469,18 +470,24 @@ def _unmount_registered(settings: Settings, *, keep: bool) -> Iterator[str]:
         yield f"{kept} mount(s) left serving (--keep-mounts)"
 
 
-def _stop_mount_processes(settings: Settings) -> Iterator[str]:
-    """Wait for the mount processes to exit (unmounted, they do), then SIGTERM, then SIGKILL."""
-    if not settings.mount_run_root.is_dir():
-        return
+def _mount_processes(settings: Settings) -> tuple[dict[ProcessId, Path], list[str]]:
+    """The running mount processes by their pid files, and a line for each stale pid file removed.
+    Read before the mounts go down: an unmounted process exits and removes its own pid file."""
     running: dict[ProcessId, Path] = {}
-    for pid_file in sorted(settings.mount_run_root.glob("*.pid")):
-        ident = read_pid_file(pid_file)
-        if ident is None:
-            pid_file.unlink(missing_ok=True)
-            yield f"mount: removed the stale pid file {pid_file}"
-        else:
-            running[ident] = pid_file
+    said: list[str] = []
+    if settings.mount_run_root.is_dir():
+        for pid_file in sorted(settings.mount_run_root.glob("*.pid")):
+            ident = read_pid_file(pid_file)
+            if ident is None:
+                pid_file.unlink(missing_ok=True)
+                said.append(f"mount: removed the stale pid file {pid_file}")
+            else:
+                running[ident] = pid_file
+    return running, said
+
+
+def _stop_mount_processes(running: dict[ProcessId, Path]) -> Iterator[str]:
+    """Wait for the mount processes to exit (unmounted, they do), then SIGTERM, then SIGKILL."""
     left = _wait_gone(list(running), MOUNT_GRACE_SECONDS)
     for ident in left:
         _signal(ident, signal.SIGTERM)
@@ -490,7 +497,8 @@ def _stop_mount_processes(settings: Settings) -> Iterator[str]:
     _wait_gone(stubborn, MOUNT_GRACE_SECONDS)
     for ident, pid_file in running.items():
         how = "killed" if ident in stubborn else "stopped" if ident in left else "exited"
-        pid_file.unlink(missing_ok=True)
+        if read_pid_file(pid_file) in (None, ident):
+            pid_file.unlink(missing_ok=True)
         yield f"mount process {ident.pid} ({pid_file.stem}): {how}"
 
 
@@ -509,12 +517,9 @@ def down(settings: Settings, *, keep_mounts: bool = False) -> Iterator[str]:
             if line is not None:
                 said = True
                 yield line
-        for line in _unmount_registered(settings, keep=keep_mounts):
+        running, stale = _mount_processes(settings) if not keep_mounts else ({}, [])
+        for line in itertools.chain(stale, _unmount_registered(settings, keep=keep_mounts), _stop_mount_processes(running)):
             said = True
             yield line
-        if not keep_mounts:
-            for line in _stop_mount_processes(settings):
-                said = True
-                yield line
     if not said:
         yield f"nothing is running under {settings.root}"

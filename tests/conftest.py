@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,9 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, what: s
 
 
 # The kernel function a caller sleeps in until the FUSE server answers its request.
-FUSE_WAIT_CHANNEL = "request_wait_answer"
+# Where a thread sleeps while the FUSE server holds its request, or while the kernel holds it back
+# behind another request to the same directory (lookups there are serialised).
+FUSE_WAIT_CHANNELS = frozenset({"request_wait_answer", "fuse_lock_inode"})
 
 
 def waits_on_fuse(pid: int, tid: int | None = None) -> bool:
@@ -49,7 +53,7 @@ def waits_on_fuse(pid: int, tid: int | None = None) -> bool:
         return False
     for task in tids:
         try:
-            if (task_root / task / "wchan").read_text() == FUSE_WAIT_CHANNEL:
+            if (task_root / task / "wchan").read_text() in FUSE_WAIT_CHANNELS:
                 return True
             children = (task_root / task / "children").read_text().split()
         except OSError:
@@ -162,6 +166,18 @@ class Artifactfs:
         """The mount process's pid, once written: that comes just after the mount appears."""
         pid: int = wait_until(lambda: self.mount_process(name), what=f"the pid file of mount {name!r}")
         return pid
+
+    @contextmanager
+    def registry_locked(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Hold the registry's write lock (readers too are shut out if `exclusive`), as a writer
+        that never lets go would."""
+        conn = sqlite3.connect(self.root / "registry.db", timeout=30, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE" if exclusive else "BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
 
     def service_pid(self, name: str) -> int:
         # A pid file holds "<pid> <start time>" (artifactfs/procs.py).

@@ -495,6 +495,9 @@ printf '%s\\t%s\\n' "$(pwd)" "$*" >> "$state/pack-objects.log"
 if [ -s "$state/delay" ]; then
     sleep "$(cat "$state/delay")"
 fi
+while [ -e "$state/hold" ]; do
+    sleep 0.02
+done
 if [ -e "$state/broken" ]; then
     echo "test server: remote marked as broken" >&2
     exit 1
@@ -518,6 +521,7 @@ class _PackHook:
         self.log = self.dir / "pack-objects.log"
         self.delay_file = self.dir / "delay"
         self.broken_file = self.dir / "broken"
+        self.hold_file = self.dir / "hold"
         self.script = self.dir / "pack-objects-hook.sh"
         self.config = self.dir / "gitconfig"
         self.script.write_text(_HOOK_SCRIPT.format(state=shlex.quote(str(self.dir))))
@@ -579,6 +583,12 @@ class _PackHook:
             self.broken_file.write_text("broken\n")
         else:
             self.broken_file.unlink(missing_ok=True)
+
+    def set_held(self, flag: bool) -> None:
+        if flag:
+            self.hold_file.touch()
+        else:
+            self.hold_file.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------
@@ -708,6 +718,14 @@ class GitDaemon(_PackCountingServer):
     def set_delay(self, seconds: float) -> None:
         """Every pack starts ``seconds`` late."""
         self._hook.set_delay(seconds)
+
+    def hold(self) -> None:
+        """Every pack waits from now on until ``release()``: a transfer stays in flight for as
+        long as a test needs, however slow the machine."""
+        self._hook.set_held(True)
+
+    def release(self) -> None:
+        self._hook.set_held(False)
 
 
 # --------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Collection, Iterator, Mapping
@@ -441,18 +440,6 @@ def test_thirty_concurrent_async_adds_register_once_and_all_mount(afs: Artifactf
 # --- 7. the registry locked for longer than the busy timeout ------------------------------------------
 
 
-@contextmanager
-def registry_held_exclusively(afs: Artifactfs) -> Iterator[None]:
-    """Hold an exclusive lock on the registry, as a writer that never lets go would."""
-    conn = sqlite3.connect(afs.root / "registry.db", timeout=30, isolation_level=None)
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
-
-
 def test_a_registry_locked_past_the_busy_timeout_then_everything_converges(
     afs: Artifactfs, sample: SampleRepo, held: HeldRemote
 ) -> None:
@@ -465,7 +452,7 @@ def test_a_registry_locked_past_the_busy_timeout_then_everything_converges(
     services = {name: afs.service_pid(name) for name in ("worker", "mountd")}
     registry = afs.root / "registry.db"
 
-    with registry_held_exclusively(afs):
+    with afs.registry_locked(exclusive=True):
         held.release()
         for command in (("add-repo", "--async", "--name", "late", "--remote", sample.url),
                         ("prepare", "--name", "early"), ("remove-repo", "--name", "early")):  # fmt: skip

@@ -8,7 +8,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -228,18 +227,6 @@ def attempt_version(afs: Artifactfs, name: str) -> int:
     return int(begun[-1]["version"])
 
 
-@contextmanager
-def registry_locked(afs: Artifactfs) -> Iterator[None]:
-    """Hold the registry's write lock, as a writer that never lets go would."""
-    conn = sqlite3.connect(afs.root / "registry.db", timeout=30, isolation_level=None)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        conn.execute("ROLLBACK")
-        conn.close()
-
-
 # --- 1. the soft time limit -------------------------------------------------------------------------
 
 
@@ -271,7 +258,7 @@ def test_a_busy_registry_is_waited_out_with_backoff(afs: Artifactfs, held: HeldR
     afs.up()
     add_async(afs, "busy", held.url)
     afs.wait_phase("busy", "clone")
-    with registry_locked(afs):
+    with afs.registry_locked():
         held.release()  # the clone lands; recording its next phase finds the registry locked
         wait_until(lambda: "busy: the registry is busy, trying again in" in afs.log("worker"), 60, interval=0.1,
                    what="the job to find the registry busy")  # fmt: skip
@@ -285,7 +272,7 @@ def test_a_registry_busy_for_too_long_hands_the_job_back_to_the_queue(afs: Artif
     afs.up()
     add_async(afs, "stuck", held.url)
     afs.wait_phase("stuck", "clone")
-    with registry_locked(afs):
+    with afs.registry_locked():
         held.release()
         # Six busy timeouts of trying, then the task retries the whole job later instead of dropping it.
         wait_until(lambda: "stuck: the registry stayed busy, the job goes back to the queue" in afs.log("worker"), 90,

@@ -89,14 +89,14 @@ def test_a_broken_mount_root_costs_only_its_own_repository(afs: Artifactfs, samp
 def test_a_mount_path_inside_a_placeholder_never_blocks_mountd(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
     afs = stack
     daemon, sample = slow
-    daemon.set_delay(3.0)
+    daemon.hold()
     add_async(afs, "outer", daemon.url("slow.git"))
     outer = afs.wait_mounted("outer")
     # The CLI refuses this; a registry written by anyone else must not deadlock mountd either.
     register_unchecked(afs, "inner", daemon.url("slow.git"), outer / "sub" / "inner")
     add_async(afs, "beside", daemon.url("slow.git"))
     wait_until(lambda: "inner: not mounted" in afs.log("mountd"), 10, what="mountd to refuse the nested mount")
-    daemon.set_delay(0)
+    daemon.release()
     afs.wait_state("outer", "mounted", timeout=60)  # every other gate still opens
     afs.wait_state("beside", "mounted", timeout=60)
     assert (outer / "README.md").read_bytes() == sample.files["README.md"]

@@ -17,6 +17,7 @@ import pytest
 from artifactfs.mounts import fuse_mounts
 from artifactfs.procs import cmdline, identify, write_pid_file
 from artifactfs.stack import rotate_log
+from mountd.control import ControlClient
 
 from .conftest import PYTHON, Artifactfs, new_installation, wait_until
 from .gitremote import SampleRepo
@@ -344,16 +345,17 @@ def start_mount_process(afs: Artifactfs, name: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([PYTHON, "-m", "mountd.mountproc"], env=afs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     assert proc.stdout.readline().strip() == b"ready"
-    orders = [
-        {"op": "mount", "name": name, "mount_path": str(mnt), "stats_file": str(afs.root / "state" / name / "fetch-stats.json")},
-        {"op": "ready", "git_dir": str(afs.root / "git" / f"{name}.git"), "head": str(afs.status(name)["head"])},
-    ]
-    proc.stdin.write(json.dumps(orders[0]).encode() + b"\n")
+    mount = {"op": "mount", "name": name, "mount_path": str(mnt),
+             "stats_file": str(afs.root / "state" / name / "fetch-stats.json")}  # fmt: skip
+    proc.stdin.write(json.dumps(mount).encode() + b"\n")
     proc.stdin.flush()
-    assert proc.stdout.readline().strip() == b"mounted"
-    proc.stdin.write(json.dumps(orders[1]).encode() + b"\n")
-    proc.stdin.flush()
-    write_pid_file(afs.root / "run" / "mounts" / f"{name}.pid", proc.pid)
+    assert proc.stdout.readline().strip() == b"mounted"  # its pid file and control socket are there
+    # Once mounted, it takes orders on its control socket alone (its stdin is gone), as from mountd.
+    client = ControlClient(afs.root / "run" / "mounts" / f"{name}.sock", timeout=10, expected_pid=proc.pid)
+    try:
+        client.request({"op": "ready", "git_dir": str(afs.root / "git" / f"{name}.git"), "head": str(afs.status(name)["head"])})
+    finally:
+        client.close()
     return proc
 
 
