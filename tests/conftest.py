@@ -36,16 +36,21 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
-# The kernel function a caller sleeps in until the FUSE server answers its request.
-# Where a thread sleeps while the FUSE server holds its request, or while the kernel holds it back
-# behind another request to the same directory (lookups there are serialised).
-FUSE_WAIT_CHANNELS = frozenset({"request_wait_answer", "fuse_lock_inode"})
+# Kernel frames of a thread asleep inside a file system call: waiting for the FUSE server's answer
+# (request_wait_answer), or held back by the kernel behind another request the server holds (a
+# lookup of the same name, the lock of the same directory, as an open with O_CREAT takes it).
+FS_CALL_FRAMES = ("fuse_", "request_wait_answer", "walk_component", "path_openat", "filename_lookup", "iterate_dir")
+
+
+def _asleep_in_fs_call(task: Path) -> bool:
+    state = (task / "stat").read_text().rsplit(") ", 1)[1][0]
+    return state in "SD" and any(frame in (task / "stack").read_text() for frame in FS_CALL_FRAMES)
 
 
 def waits_on_fuse(pid: int, tid: int | None = None) -> bool:
     """Whether thread `tid` of process `pid` (every thread if None), or any process it started,
-    sleeps waiting for a FUSE server's answer: a request that reached the server and is held there
-    (at the gate, or in a fetch), not one still on its way."""
+    sleeps in a file system call that the mount holds: at the gate, in a fetch, or behind such a
+    request. The tests make their calls on FUSE mounts alone, so that is the mount holding them."""
     task_root = Path(f"/proc/{pid}/task")
     try:
         tids = [str(tid)] if tid is not None else [t.name for t in task_root.iterdir()]
@@ -53,7 +58,7 @@ def waits_on_fuse(pid: int, tid: int | None = None) -> bool:
         return False
     for task in tids:
         try:
-            if (task_root / task / "wchan").read_text() in FUSE_WAIT_CHANNELS:
+            if _asleep_in_fs_call(task_root / task):
                 return True
             children = (task_root / task / "children").read_text().split()
         except OSError:
