@@ -31,6 +31,8 @@ def _connection_parameters(original: Any) -> Any:
 
 def guard_channels_of_lost_connections() -> None:
     """Make kombu's Redis channels of a given-up connection fail as a dead connection (idempotent)."""
-    current = kombu_redis.Channel._connparams
+    current = getattr(kombu_redis.Channel, "_connparams", None)
+    if current is None:  # a kombu that no longer has it: nothing of this to guard
+        return
     if not getattr(current, "artifactfs_guard", False):
         kombu_redis.Channel._connparams = _connection_parameters(current)
