@@ -117,11 +117,9 @@ class Node:
 
 @dataclass(eq=False)
 class Handle:
-    """One open() or opendir(): the node (and through it the commit) it was opened on, and the
-    opener's thread, on whose behalf read waits (pyfuse3 gives read no request context)."""
+    """One open() or opendir(): the node (and through it the commit) it was opened on."""
 
     node: Node
-    caller_tid: int
 
 
 # --- faults stay in their operation ---
@@ -311,10 +309,10 @@ class TreeFS(pyfuse3.Operations):
         for node in nodes:
             self._drop_if_unused(node)
 
-    def _open_handle(self, node: Node, caller_tid: int) -> int:
+    def _open_handle(self, node: Node) -> int:
         fh = self.next_handle
         self.next_handle += 1
-        self.handles[fh] = Handle(node, caller_tid)
+        self.handles[fh] = Handle(node)
         node.handles += 1
         return fh
 
@@ -440,7 +438,10 @@ class TreeFS(pyfuse3.Operations):
         node = handle.node
         if node.kind is Kind.DOTGIT:
             return node.snap.dotgit[off : off + size]
-        await self._hydrate(node, handle.caller_tid)
+        # pyfuse3 does not say who reads: the opener's thread may not be the reader (another
+        # thread, a child after fork), and its signals must not fail someone else's read. open
+        # hydrated the blob already; a read that must fetch waits until the fetch deadline.
+        await self._hydrate(node, None)
         return self._blob(node)[off : off + size]
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -501,7 +502,7 @@ class TreeFS(pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return self._open_handle(node, ctx.pid)
+        return self._open_handle(node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         await self.gate.wait(ctx.pid)
@@ -519,7 +520,7 @@ class TreeFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         await self._hydrate(node, ctx.pid)
-        return pyfuse3.FileInfo(fh=self._open_handle(node, ctx.pid), keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._open_handle(node), keep_cache=True)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> None:
         await self.gate.wait(ctx.pid)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,17 +232,30 @@ def temporary_packs(git_dir: Path) -> set[Path]:
     return {p for pattern in TEMPORARY_PACK_PATTERNS for p in pack_dir.glob(pattern) if p.is_file()}
 
 
-def remove_abandoned_packs(git_dir: Path, among: set[Path] | None = None) -> list[Path]:
-    """Remove the temporary pack files (of `among`, or all) that no process has open: what a git
-    fetch that failed or was killed left behind. Nothing else ever removes them (gc.auto is off),
-    and on a full disk they hold the very space that is missing. A fetch at work holds its
-    temporary pack open, so it keeps it."""
-    candidates = temporary_packs(git_dir) if among is None else {p for p in among if p.is_file()}
-    if not candidates:
+PACK_GRACE_SECONDS = 2.0  # a temporary pack untouched this long, with no fetch at work, is waste
+
+
+def remove_abandoned_packs(git_dir: Path, among: set[Path] | None = None, *, grace: float = PACK_GRACE_SECONDS) -> list[Path]:
+    """Remove the temporary pack files (of `among`, or all) that a fetch which failed or was
+    killed left behind, and return them. Nothing else ever removes them (gc.auto is off), and on
+    a full disk they hold the very space that is missing.
+
+    A fetch at work holds one of its temporary files open until it renames them all into place:
+    while any temporary pack file here is open, nothing is removed. Nor is a file written within
+    the last `grace` seconds (a fetch between closing its last file and renaming it)."""
+    present = temporary_packs(git_dir)
+    candidates = present if among is None else present & among
+    if not candidates or open_files(present):
         return []
-    removed = sorted(candidates - open_files(candidates))
-    for path in removed:
-        path.unlink(missing_ok=True)
+    cutoff = time.time() - grace
+    removed = []
+    for path in sorted(candidates):
+        try:
+            if path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue  # renamed into place, or removed by another cleanup
     return removed
 
 

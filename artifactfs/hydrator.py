@@ -24,7 +24,14 @@ from pathlib import Path
 import trio
 
 from .gate import wait_for
-from .gitstore import batch_fetch_command, classify_git_error, git_env, remove_abandoned_packs, temporary_packs
+from .gitstore import (
+    PACK_GRACE_SECONDS,
+    batch_fetch_command,
+    classify_git_error,
+    git_env,
+    remove_abandoned_packs,
+    temporary_packs,
+)
 from .model import BlobFetchFailed
 
 log = logging.getLogger(__name__)
@@ -59,8 +66,12 @@ class Hydrator:
         max_batch: int = 20000,
         credential_env: dict[str, str] | None = None,
         on_batch: Callable[[FetchStats], None] | None = None,
+        own_git_dir: bool = True,
     ) -> None:
         self.git_dir = git_dir
+        # A prepared git dir is its owner's: their git may be at work in it, so what a failed
+        # fetch leaves there is theirs to judge, not ours to remove.
+        self.own_git_dir = own_git_dir
         self._exists = exists
         # What the object store is known to hold. A lookup that misses makes libgit2 rescan the
         # pack directory, which grows by one pack per batch: ask it again about an object only
@@ -76,6 +87,7 @@ class Hydrator:
         self._queued: dict[str, _Pending] = {}  # waiting for the next batch
         self._in_flight: dict[str, _Pending] = {}  # in the batch being fetched now
         self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None  # run()'s: cleanups after failed fetches
 
     def is_present(self, oid: str) -> bool:
         if oid in self._present:
@@ -94,6 +106,10 @@ class Hydrator:
 
     async def run(self) -> None:
         """The batch loop: runs for the life of the mount."""
+        async with trio.open_nursery() as self._nursery:
+            await self._batches()
+
+    async def _batches(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -135,17 +151,14 @@ class Hydrator:
 
     async def _fetch(self, batch: dict[str, _Pending]) -> None:
         started = time.monotonic()
-        before = temporary_packs(self.git_dir)
+        before = temporary_packs(self.git_dir) if self.own_git_dir else set()
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
         elapsed = time.monotonic() - started
-        if error is not None:
+        if error is not None and self.own_git_dir:
             # git is gone (failed or killed with its group): a temporary pack it began is waste,
             # and on a full disk it holds the very space the next fetch needs.
-            left = await trio.to_thread.run_sync(
-                lambda: remove_abandoned_packs(self.git_dir, temporary_packs(self.git_dir) - before)
-            )
-            if left:
-                log.info("removed %d temporary pack files of the failed fetch", len(left))
+            assert self._nursery is not None
+            self._nursery.start_soon(self._remove_left_packs, temporary_packs(self.git_dir) - before)
         self._absent.clear()  # what was missing may be here now
         self.stats.transactions += 1
         self.stats.objects += len(batch)
@@ -160,6 +173,20 @@ class Hydrator:
                 pending.error = error or "the remote did not send it"
         if self.on_batch is not None:
             self.on_batch(self.stats)
+
+    async def _remove_left_packs(self, left: set[Path]) -> None:
+        """Remove what a failed fetch left in the pack directory, once the grace period that
+        tells it from a fetch at work has passed (see gitstore.remove_abandoned_packs)."""
+        if not left:
+            return
+        try:
+            await trio.sleep(PACK_GRACE_SECONDS)
+            removed = await trio.to_thread.run_sync(remove_abandoned_packs, self.git_dir, left)
+        except Exception as exc:  # a cleanup that fails costs the cleanup, never the mount
+            log.warning("could not remove the temporary packs of a failed fetch: %s", exc)
+            return
+        if removed:
+            log.info("removed %d temporary pack files a failed fetch left", len(removed))
 
     async def _run_fetch(self, payload: bytes) -> str | None:
         """Run one `git fetch --stdin`; return what went wrong, or None.

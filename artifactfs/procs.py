@@ -77,9 +77,16 @@ def cmdline(pid: int) -> list[str]:
 def open_files(candidates: set[Path]) -> set[Path]:
     """Which of `candidates` some process on this host has open (every /proc/<pid>/fd is read).
 
-    Costly on a busy host, so only for rare paths: deciding whether a file a killed writer left
-    behind is really abandoned."""
-    wanted = {str(p) for p in candidates}
+    Files are matched by device and inode, not by name: the kernel names an open file by its
+    resolved path, and a candidate's may run through a symbolic link. Costly on a busy host, so
+    only for rare paths: deciding whether a file a killed writer left behind is abandoned."""
+    wanted: dict[tuple[int, int], Path] = {}
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        wanted[(st.st_dev, st.st_ino)] = path
     found: set[Path] = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -90,9 +97,10 @@ def open_files(candidates: set[Path]) -> set[Path]:
             continue  # gone, or not ours to look into
         for fd in fds:
             try:
-                target = os.readlink(f"/proc/{entry.name}/fd/{fd}")
+                st = os.stat(f"/proc/{entry.name}/fd/{fd}")  # the open file itself
             except OSError:
                 continue
-            if target in wanted:
-                found.add(Path(target))
+            path = wanted.get((st.st_dev, st.st_ino))
+            if path is not None:
+                found.add(path)
     return found

@@ -588,13 +588,21 @@ class SqlAlchemyRegistry(Registry):
             self._migrate_projection()
 
     def _create_schema(self) -> None:
-        """Create what is missing, one process at a time: on PostgreSQL a transaction-scoped
-        advisory lock serialises the DDL (IF NOT EXISTS alone still races in the catalogue)."""
+        """Create what is missing, one process at a time.
+
+        On PostgreSQL a transaction-scoped advisory lock serialises the creation, which checks
+        first and issues no DDL for tables that exist: a role with data access alone (the tables
+        made by an administrator) opens an existing registry, and no open takes a table lock.
+        Elsewhere every statement is IF NOT EXISTS (tables.schema_ddl)."""
+        from sqlmodel import SQLModel
+
         from .tables import schema_ddl
 
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('artifactfs schema'))")
+                SQLModel.metadata.create_all(conn, checkfirst=True)
+                return
             for statement in schema_ddl(conn.dialect):
                 conn.exec_driver_sql(statement)
 

@@ -179,7 +179,8 @@ class MountProcess:
         if hydrator is None or hydrator.git_dir != git_dir:
             # Credentials, if the repository has any, come from its git config (a store helper).
             hydrator = Hydrator(git_dir, self.fs.exists, fetch_timeout=self.settings.fetch_timeout,
-                                credential_env=git_env(), on_batch=self._write_stats)  # fmt: skip
+                                credential_env=git_env(), on_batch=self._write_stats,
+                                own_git_dir=git_dir.parent == self.settings.git_root)  # fmt: skip
             assert self.nursery is not None
             self.nursery.start_soon(hydrator.run)
         stale = self.fs.show(git_dir, head, hydrator)

@@ -397,7 +397,9 @@ def test_a_full_state_root_fails_a_clone_and_a_read_cleanly(small: Artifactfs, t
         with pytest.raises(OSError) as info:
             (mnt / "assets/blob.bin").read_bytes()
         assert info.value.errno == errno.EIO
-        assert temporary_packs(afs) == []  # the failed fetch's temporary pack went with it
+        # The failed fetch's temporary pack goes (after the grace that tells it from a fetch at
+        # work), and with it the space it held.
+        wait_until(lambda: temporary_packs(afs) == [], 30, what="the temporary packs to be removed")
         assert afs.status("roomy")["state"] == "mounted" and afs.mount_process("roomy") == server
         assert str(mnt) in fuse_mounts() and os.listdir(mnt)
 

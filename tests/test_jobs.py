@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from artifactfs.config import load_settings
+from artifactfs.gitstore import remove_abandoned_packs, temporary_packs
 from artifactfs.jobs import failpoint_from_env
 from artifactfs.model import EventType, NewEvent, Phase, RepoState
 from artifactfs.prepare import Preparation
@@ -297,18 +299,38 @@ def test_stale_git_locks_left_by_a_killed_job_are_cleared(afs: Artifactfs, sampl
     git_dir = afs.root / "git" / "locked.git"
     for name in STALE_LOCKS:  # as a job killed mid-write leaves them
         (git_dir / name).write_text("")
-    abandoned, in_use = git_dir / "objects/pack/tmp_pack_Ab3dEf", git_dir / "objects/pack/tmp_pack_InUse1"
-    abandoned.write_bytes(b"PACK half a pack")  # a fetch killed mid-write
-    in_use.write_bytes(b"PACK")
-    with in_use.open("ab"):  # a fetch at work (a mount's) holds its temporary pack open
+    abandoned, in_use = git_dir / "objects/pack/tmp_pack_Ab3dEf", git_dir / "objects/pack/tmp_idx_InUse1"
+    for path in (abandoned, in_use):
+        path.write_bytes(b"PACK")
+        os.utime(path, (time.time() - 3600,) * 2)  # left an hour ago, by a fetch killed mid-write
+    with in_use.open("rb"):  # ...unless a fetch (a mount's, say) is at work: then nothing goes
         assert afs.run("prepare", "--name", "locked").stdout.strip() == "queued locked (attempt 2)"
         row = settled(afs, "locked")
-        assert in_use.exists()
-    assert row["state"] == "mounted", row["prepare_error"]
+        assert row["state"] == "mounted", row["prepare_error"]
+        assert abandoned.exists() and in_use.exists()
     assert [name for name in STALE_LOCKS if (git_dir / name).exists()] == []
-    assert not abandoned.exists()
+    assert afs.run("prepare", "--name", "locked").stdout.strip() == "queued locked (attempt 3)"
+    assert settled(afs, "locked")["state"] == "mounted"
+    assert not abandoned.exists() and not in_use.exists()
     assert "removed what a killed git left" in afs.log("worker")
     assert (afs.mount_path("locked") / "README.md").read_bytes() == sample.files["README.md"]
+
+
+def test_temporary_packs_are_told_apart_by_inode_age_and_use(tmp_path: Path) -> None:
+    real = tmp_path / "real.git"
+    (real / "objects" / "pack").mkdir(parents=True)
+    git_dir = tmp_path / "via-link.git"
+    git_dir.symlink_to(real)  # the kernel names open files by the resolved path: match by inode
+    old, fresh, held = (git_dir / "objects/pack" / n for n in ("tmp_pack_old", "tmp_pack_fresh", "tmp_rev_held"))
+    for path in (old, fresh, held):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 60,) * 2)
+    os.utime(held, (time.time() - 60,) * 2)
+    with (real / "objects/pack/tmp_rev_held").open("rb"):
+        assert remove_abandoned_packs(git_dir) == []  # a fetch is at work here
+    assert remove_abandoned_packs(git_dir, {old}) == [old]  # only what was asked, and old enough
+    assert remove_abandoned_packs(git_dir) == [held]  # fresh: within the grace period
+    assert fresh.exists() and temporary_packs(git_dir) == {fresh}
 
 
 def test_abandon_removes_only_this_repositorys_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,6 +117,26 @@ def test_processes_opening_a_new_registry_at_once_all_succeed(url_for: Callable[
     assert len(open_for(driver, url).repos()) == len(procs)
 
 
+def test_a_role_with_data_access_alone_opens_a_registry_an_administrator_made(postgres: PostgresServer) -> None:
+    import psycopg
+
+    url = postgres.new_database()
+    open_registry(url, driver="sqlalchemy").close()  # the administrator makes the tables
+    database = url.rsplit("/", 1)[1]
+    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=postgres dbname={database}", autocommit=True) as conn:
+        conn.execute("CREATE ROLE afs_app LOGIN")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO afs_app")
+        conn.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO afs_app")
+    # Opening issues no DDL for tables that exist: it needs no right to create or own them.
+    registry = open_registry(url.replace("postgres@", "afs_app@"), driver="sqlalchemy")
+    try:
+        register(registry, "app")
+        assert [r.name for r in registry.repos()] == ["app"]
+    finally:
+        registry.close()
+
+
 def test_concurrent_writers_never_see_database_locked(url_for: Callable[[], str], driver: str) -> None:
     url = url_for()
     open_for(driver, url).close()  # create the schema once
