@@ -25,10 +25,10 @@ import pyfuse3
 import trio
 
 from artifactfs.config import Settings, load_settings
-from artifactfs.fs import TreeFS
-from artifactfs.gate import Gate
+from artifactfs.fs.gate import Gate
+from artifactfs.fs.hydrator import FetchStats, Hydrator
+from artifactfs.fs.operations import TreeFS
 from artifactfs.gitstore import git_env
-from artifactfs.hydrator import FetchStats, Hydrator
 from artifactfs.mounts import check_mount_path
 from artifactfs.procs import read_pid_file, write_pid_file
 from artifactfs.remotes import validate_name

@@ -19,8 +19,8 @@ import pytest
 import trio
 import trio.testing
 
-from artifactfs import fs as treefs
-from artifactfs.gate import Gate, GateState, wait_for
+from artifactfs.fs import faults, operations
+from artifactfs.fs.gate import Gate, GateState, wait_for
 from artifactfs.mounts import fuse_mounts
 from artifactfs.procs import cmdline
 from mountd.control import ControlClient
@@ -210,14 +210,14 @@ def test_unexpected_exceptions_become_eio_and_nothing_else_is_swallowed(caplog: 
 
     async def main() -> None:
         with pytest.raises(pyfuse3.FUSEError) as info:
-            await treefs._contain("read", broken)(Owner(), 1, 0, 10)
+            await faults.contain("read", broken)(Owner(), 1, 0, 10)
         assert info.value.errno == errno.EIO
         with pytest.raises(pyfuse3.FUSEError) as info:
-            await treefs._contain("lookup", refusing)(Owner(), 1, b"x", None)
+            await faults.contain("lookup", refusing)(Owner(), 1, b"x", None)
         assert info.value.errno == errno.ENOENT
         with pytest.raises(KeyboardInterrupt):
-            await treefs._contain("read", cancelled)(Owner(), 1, 0, 10)
-        assert await treefs._contain("forget", broken)(Owner(), [(5, 1)]) is None  # forget never raises
+            await faults.contain("read", cancelled)(Owner(), 1, 0, 10)
+        assert await faults.contain("forget", broken)(Owner(), [(5, 1)]) is None  # forget never raises
 
     with caplog.at_level(logging.INFO, logger="artifactfs.fs"):
         trio.run(main)
@@ -228,9 +228,9 @@ def test_unexpected_exceptions_become_eio_and_nothing_else_is_swallowed(caplog: 
     ]
     assert all(r.exc_info is None for r in errors)  # one line each, no traceback
     # Every kernel operation of the filesystem goes through it.
-    assert "read" in treefs.KERNEL_OPERATIONS and "forget" in treefs.KERNEL_OPERATIONS
-    for operation in treefs.KERNEL_OPERATIONS:
-        assert hasattr(getattr(treefs.TreeFS, operation), "__wrapped__"), operation
+    assert "read" in faults.KERNEL_OPERATIONS and "forget" in faults.KERNEL_OPERATIONS
+    for operation in faults.KERNEL_OPERATIONS:
+        assert hasattr(getattr(operations.TreeFS, operation), "__wrapped__"), operation
 
 
 # --- the gate ---

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import trio
 
-from .gate import wait_for
-from .gitstore import (
+from ..gitstore import (
     PACK_GRACE_SECONDS,
     batch_fetch_command,
     classify_git_error,
@@ -32,7 +31,8 @@ from .gitstore import (
     remove_abandoned_packs,
     temporary_packs,
 )
-from .model import BlobFetchFailed
+from ..model import BlobFetchFailed
+from .gate import wait_for
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ while a repository prepares. Neither do read and readdir: they work on a handle,
 opendir gave out on a commit already shown, and keep serving that commit while a later
 preparation holds the gate closed.
 
-No fault in one operation ends the session: every kernel operation is wrapped (`_contained`) so
+No fault in one operation ends the session: every kernel operation is wrapped (faults.py) so
 that an unexpected exception (a missing object, a pack gone underneath, a bug) fails that one
 operation with EIO and one log line.
 
@@ -20,162 +20,41 @@ count) or a handle is open on them, so memory does not grow with every refresh.
 """
 from __future__ import annotations
 
-import enum
 import errno
-import functools
-import inspect
 import logging
 import os
-import stat
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pyfuse3
 import pygit2
 
+from ..model import BlobFetchFailed, ObjectMissing
+from .faults import contained
 from .gate import Gate
 from .hydrator import Hydrator
-from .model import BlobFetchFailed, ObjectMissing
+from .nodes import (
+    BLOB_KINDS,
+    DOTGIT_INODE,
+    FIRST_INODE,
+    FIXED_INODES,
+    GIT_MODE_KINDS,
+    KIND_MODES,
+    Entry,
+    Handle,
+    Kind,
+    Node,
+    Snapshot,
+)
 
 log = logging.getLogger(__name__)
 
-DOTGIT_INODE = pyfuse3.ROOT_INODE + 1
-FIRST_INODE = DOTGIT_INODE + 1
-FIXED_INODES = frozenset({pyfuse3.ROOT_INODE, DOTGIT_INODE})
 CACHE_SECONDS = 300.0  # one commit's tree never changes; the gate invalidates on a new commit
 SIBLING_BATCH_LIMIT = 2000
 BLOB_CACHE_ENTRIES = 64
 
 
-class Kind(enum.Enum):
-    DIR = "dir"
-    FILE = "file"
-    EXEC = "exec"
-    LINK = "link"
-    GITLINK = "gitlink"  # a submodule: shown as an empty directory
-    DOTGIT = "dotgit"  # the synthesized `.git` file at the root
-
-
-BLOB_KINDS = frozenset({Kind.FILE, Kind.EXEC, Kind.LINK})
-GIT_MODE_KINDS = {
-    pygit2.enums.FileMode.TREE: Kind.DIR,
-    pygit2.enums.FileMode.BLOB: Kind.FILE,
-    pygit2.enums.FileMode.BLOB_EXECUTABLE: Kind.EXEC,
-    pygit2.enums.FileMode.LINK: Kind.LINK,
-    pygit2.enums.FileMode.COMMIT: Kind.GITLINK,
-}
-KIND_MODES = {
-    Kind.DIR: stat.S_IFDIR | 0o755,
-    Kind.GITLINK: stat.S_IFDIR | 0o755,
-    Kind.FILE: stat.S_IFREG | 0o644,
-    Kind.EXEC: stat.S_IFREG | 0o755,
-    Kind.LINK: stat.S_IFLNK | 0o777,
-    Kind.DOTGIT: stat.S_IFREG | 0o644,
-}
-
-
-@dataclass(eq=False)
-class Snapshot:
-    """What the mount shows: one commit of one git directory, and the hydrator that fills it."""
-
-    repo: pygit2.Repository
-    commit: pygit2.Commit
-    dotgit: bytes
-    mtime_ns: int
-    hydrator: Hydrator
-
-
-Entry = tuple[Kind, str | None]  # a directory entry as git has it: kind and object id
-
-
-@dataclass(eq=False)
-class Node:
-    inode: int
-    parent: int
-    name: bytes
-    kind: Kind
-    oid: str | None  # tree id for directories, blob id for files and links, commit id for gitlinks
-    snap: Snapshot  # the commit this node belongs to
-    entries: dict[bytes, Entry] | None = None  # a directory's git tree, by name, read on first use
-    children: dict[bytes, int] = field(default_factory=dict)  # the nodes made so far for entries
-    listed: bool = False  # listed by readdir: its files come along when one of them is fetched
-    misses: int = 0  # blobs of this directory fetched one at a time so far
-    lookups: int = 0  # the kernel's lookup count: entries handed out and not forgotten yet
-    handles: int = 0  # open file and directory handles on this node
-
-    @property
-    def is_dir(self) -> bool:
-        return self.kind in (Kind.DIR, Kind.GITLINK)
-
-    @property
-    def is_blob(self) -> bool:
-        return self.kind in BLOB_KINDS
-
-
-@dataclass(eq=False)
-class Handle:
-    """One open() or opendir(): the node (and through it the commit) it was opened on."""
-
-    node: Node
-
-
-# --- faults stay in their operation ---
-
-# Every request handler pyfuse3 may call (init and stacktrace are not requests).
-KERNEL_OPERATIONS = frozenset(
-    name for name, member in vars(pyfuse3.Operations).items() if inspect.iscoroutinefunction(member)
-)
-Operation = Callable[..., Awaitable[Any]]
-FS = TypeVar("FS", bound=type)
-
-
-def _log_fault(fs: Any, operation: str, exc: Exception) -> None:
-    log.error("%s: %s failed: %s: %s", getattr(fs, "fsname", "artifactfs"), operation, type(exc).__name__, exc)
-    log.debug("%s: %s failed", getattr(fs, "fsname", "artifactfs"), operation, exc_info=exc)
-
-
-def _contain(operation: str, handler: Operation) -> Operation:
-    """`handler`, failing with EIO instead of raising anything but FUSEError.
-
-    pyfuse3 lets any other exception out of its main loop, which ends the session and leaves
-    every user of the mount with ENOTCONN. Cancellation (and any other BaseException) still
-    passes: it is how the mount shuts down.
-    """
-    if operation == "forget":  # no reply to carry an error, and pyfuse3 wants no exception at all
-
-        @functools.wraps(handler)
-        async def forget(self: Any, *args: Any) -> None:
-            try:
-                await handler(self, *args)
-            except Exception as exc:
-                _log_fault(self, operation, exc)
-
-        return forget
-
-    @functools.wraps(handler)
-    async def contained(self: Any, *args: Any) -> Any:
-        try:
-            return await handler(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as exc:
-            _log_fault(self, operation, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return contained
-
-
-def _contained(cls: FS) -> FS:
-    """Wrap every kernel operation of `cls` (its own and the ones it inherits) in `_contain`."""
-    for operation in KERNEL_OPERATIONS:
-        setattr(cls, operation, _contain(operation, getattr(cls, operation)))
-    return cls
-
-
-@_contained
+@contained
 class TreeFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False

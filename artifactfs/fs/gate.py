@@ -3,7 +3,7 @@
 Closed while preparing (waiters block), open once ready, failed after a failed preparation (every
 waiter and later caller gets EIO) until a new attempt resets it.
 
-Any wait on behalf of a FUSE caller (here at the gate, or for a blob fetch in fs.py) goes through
+Any wait on behalf of a FUSE caller (here at the gate, or for a blob fetch, hydrator.py) goes through
 `wait_for`: a caller that receives a signal (Ctrl-C, SIGKILL) is let go with EINTR. pyfuse3 does
 not pass the kernel's FUSE_INTERRUPT on, and once the server has read a request the kernel waits
 for its answer uninterruptibly, so the server watches the caller's pending signals itself.
