@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import Settings
-from .gitstore import clone_blobless, git_env, remove_abandoned_packs, run_git
+from .gitstore import BATCH_FETCH_ARGS, clone_blobless, git_env, remove_abandoned_packs, run_git
 from .model import (
     EventType,
     InvalidInput,
@@ -150,6 +150,39 @@ def write_index(git_dir: Path, head: str) -> None:
                 git_dir=git_dir, input=paths)  # fmt: skip
 
 
+# What git itself reads from the work tree for a status (ignore rules, attributes, submodules): in a
+# mount each is a blob, and git's own lazy fetch would bring them one transaction apiece.
+STATUS_NAMES = frozenset({b".gitignore", b".gitattributes"})  # at any depth
+STATUS_TOP_LEVEL = frozenset({b".gitmodules"})
+
+
+def status_blobs(git_dir: Path, head: str) -> list[str]:
+    """The blob ids at `head` that `git status` reads: every .gitignore and .gitattributes, and
+    .gitmodules at the top. Trees only: a blobless clone answers without fetching."""
+    out = run_git(["ls-tree", "-r", "-z", "--full-tree", head], git_dir=git_dir).stdout
+    wanted = []
+    for entry in out.split(b"\0"):
+        meta, _, path = entry.partition(b"\t")
+        fields = meta.split()
+        if len(fields) == 3 and fields[1] == b"blob":
+            if path.rsplit(b"/", 1)[-1] in STATUS_NAMES or path in STATUS_TOP_LEVEL:
+                wanted.append(fields[2].decode())
+    return wanted
+
+
+def fetch_status_blobs(git_dir: Path, head: str, env: dict[str, str]) -> int:
+    """Fetch the blobs `git status` reads that are missing, all in one transaction; return how
+    many were fetched.
+    Done before `ready`, so that no status in the mount ever waits on the network for them."""
+    import pygit2  # libgit2 answers "is it here?" without git's lazy fetch
+
+    odb = pygit2.Repository(str(git_dir)).odb
+    missing = [oid for oid in status_blobs(git_dir, head) if not odb.exists(oid)]
+    if missing:
+        run_git(list(BATCH_FETCH_ARGS), git_dir=git_dir, env=env, input="".join(f"{o}\n" for o in missing).encode())
+    return len(missing)
+
+
 # Lock files git leaves behind when it is killed while writing: the index, the config, HEAD,
 # shallow, packed-refs (all at the top of the git directory) and every ref (under refs/).
 TOP_LEVEL_LOCKS = "*.lock"
@@ -221,6 +254,7 @@ class Preparation:
             head = self._clone(git_dir)
         self.phase(Phase.INDEX)
         write_index(git_dir, head)
+        fetch_status_blobs(git_dir, head, git_env(self.credential_file))
         self.phase(Phase.PUBLISH)
         self._record(NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
         return head

@@ -315,7 +315,8 @@ def test_list_and_status_output(afs: Artifactfs, sample: SampleRepo) -> None:
     fields = dict(kv.split("=", 1) for kv in lines[1].split(" "))
     assert fields["repo"] == "two" and fields["ref"] == "refs/heads/feature"
     assert fields["head"] == sample.branches["feature"] and fields["state"] == "unmounted"
-    assert fields["hydrated_blobs"] == "0" and fields["prepare_error"] == ""
+    # Preparation brought the one blob git status reads in the sample: its .gitmodules.
+    assert fields["hydrated_blobs"] == "1" and fields["prepare_error"] == ""
 
 
 def test_usage_errors_are_one_line_too(afs: Artifactfs) -> None:

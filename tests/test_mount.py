@@ -17,7 +17,7 @@ import pytest
 
 
 from .conftest import Artifactfs, new_installation, wait_until
-from .gitremote import GitDaemon, SampleRepo, make_many_files_repo, make_sample_repo
+from .gitremote import GitDaemon, SampleRepo, add_commit, make_many_files_repo, make_sample_repo
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +317,21 @@ def test_git_status_inside_the_mount_fetches_nothing(afs: Artifactfs, git_daemon
     assert git_daemon.fetch_count() == 0  # and no blob was downloaded to find that out
     assert present_blobs(afs.root / "git" / "many.git") == set()
     assert git_out("diff", "--stat", "HEAD", cwd=mnt) == ""
+
+
+def test_preparation_brings_what_git_status_reads_in_one_transaction(afs: Artifactfs, git_daemon: GitDaemon) -> None:
+    sample = make_sample_repo(git_daemon.base, "rules")
+    rules = {".gitignore": b"*.o\n", "src/.gitignore": b"build/\n", "src/lib/.gitignore": b"*.tmp\n",
+             ".gitattributes": b"*.bin binary\n", "docs/.gitattributes": b"*.md text\n"}  # fmt: skip
+    add_commit(sample, rules, "ignore rules")
+    git_daemon.reset_count()
+    afs.add("rules", git_daemon.url("rules.git"))
+    assert git_daemon.fetch_count() == 2  # the blobless clone, then every rule file at once
+    wanted = {sample.blob_id(path) for path in [*rules, ".gitmodules"]}
+    assert present_blobs(afs.root / "git" / "rules.git") == wanted
+    afs.start_daemon()
+    mnt = afs.wait_mounted("rules")
+    git_daemon.reset_count()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=mnt, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout == "", status.stderr
+    assert git_daemon.fetch_count() == 0  # git read its ignore rules and attributes from local blobs
