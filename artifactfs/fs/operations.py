@@ -29,6 +29,7 @@ from pathlib import Path
 import pyfuse3
 import pygit2
 
+from ..gitstore import open_repository
 from ..model import BlobFetchFailed, ObjectMissing
 from .faults import contained
 from .gate import Gate
@@ -60,7 +61,7 @@ class TreeFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, gate: Gate, *, fsname: str = "artifactfs") -> None:
+    def __init__(self, gate: Gate, *, fsname: str = "artifactfs", owner: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.gate = gate
         self.fsname = fsname
@@ -73,8 +74,8 @@ class TreeFS(pyfuse3.Operations):
         self.next_handle = 1
         self.sizes: dict[str, int] = {}
         self._blob_cache: OrderedDict[str, bytes] = OrderedDict()
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        # Whose every file is (add-repo --owner), so that their git trusts the work tree.
+        self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
 
     # --- what is shown ---
 
@@ -90,7 +91,7 @@ class TreeFS(pyfuse3.Operations):
         kernel forgets them and their last handle is closed, so a file opened before keeps reading
         the content it opened; nodes of that commit the kernel does not know go at once.
         """
-        repo = pygit2.Repository(str(git_dir))
+        repo = open_repository(git_dir)
         commit = repo.get(head)
         if not isinstance(commit, pygit2.Commit):
             raise ValueError(f"{head} is not a commit in {git_dir}")
