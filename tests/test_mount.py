@@ -333,13 +333,12 @@ def test_preparation_brings_what_git_status_reads_in_one_transaction(afs: Artifa
 def test_an_owner_runs_git_in_the_mount_and_commits(reachable_afs: Artifactfs, git_daemon: GitDaemon, how: str) -> None:
     afs, nobody = reachable_afs, pwd.getpwnam("nobody")
     make_sample_repo(git_daemon.base, "owned")
+    afs.up()
     if how == "async":
-        afs.up()
         afs.run("add-repo", "--async", "--name", "owned", "--remote", git_daemon.url("owned.git"), "--owner", "nobody")
-        afs.wait_state("owned", "mounted")
     else:
         afs.add("owned", git_daemon.url("owned.git"), "--owner", "nobody")
-        afs.start_daemon()
+    afs.wait_state("owned", "mounted")
     mnt = afs.wait_mounted("owned")
     assert {(p.stat().st_uid, p.stat().st_gid) for p in (mnt, mnt / ".git", mnt / "src/app.py")} == {(nobody.pw_uid, nobody.pw_gid)}
     assert (mnt / "src/lib/util.py").read_bytes()  # hydrated by the mount process, as root
@@ -354,5 +353,9 @@ def test_an_owner_runs_git_in_the_mount_and_commits(reachable_afs: Artifactfs, g
     assert commit.returncode == 0, commit.stderr
     log = subprocess.run([*as_nobody, "log", "-1", "--format=%s"], capture_output=True, text=True, timeout=60)
     assert log.stdout.strip() == "by nobody"
+    # A new preparation (root's git fetching into their directory) leaves it theirs.
+    afs.run("prepare", "--name", "owned")
+    afs.wait_state("owned", "mounted")
+    assert [p for p in [git_dir, *git_dir.rglob("*")] if p.lstat().st_uid != nobody.pw_uid] == []
     # Other repositories' git directories stay root's alone; the git root is only traversable.
     assert stat.S_IMODE((afs.root / "git").stat().st_mode) == 0o711
