@@ -23,9 +23,6 @@ ROOT_MODE = 0o711
 PRIVATE_DIR_MODE = 0o700
 MOUNT_ROOT_MODE = 0o755
 SHARED_GIT_MODE = 0o755
-# The git root once a repository has an owner (add-repo --owner): that user must reach their git
-# directory through it. Traversable, not listable; every other git directory stays root's (0700).
-OWNED_GIT_ROOT_MODE = 0o711
 
 
 def _default_root() -> Path:
@@ -169,8 +166,7 @@ class Settings:
                    self.credential_root, self.log_root)  # fmt: skip
         for path, mode in ((self.root, ROOT_MODE), (self.git_root, git_mode), *((p, PRIVATE_DIR_MODE) for p in private)):
             path.mkdir(mode=mode, parents=True, exist_ok=True)
-            current = path.stat().st_mode & 0o777
-            if current != mode and not (path == self.git_root and current == OWNED_GIT_ROOT_MODE):
+            if path.stat().st_mode & 0o777 != mode:
                 os.chmod(path, mode)
         if not self.mount_root.exists():
             # Sandboxes of every user reach their mounts through it.

@@ -16,16 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .credentials import Credential, helper_command, write_credential_file
 from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
 from .procs import open_files
 from .remotes import Remote, redact
-
-if TYPE_CHECKING:
-    import pygit2
 
 PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn must not dlopen
@@ -261,19 +257,6 @@ def remove_abandoned_packs(git_dir: Path, among: set[Path] | None = None, *, gra
         except FileNotFoundError:
             continue  # renamed into place, or removed by another cleanup
     return removed
-
-
-def open_repository(git_dir: Path) -> "pygit2.Repository":
-    """A git directory of ours (or a prepared one), through libgit2.
-
-    libgit2 refuses a repository another user owns (its safe.directory rule). That rule guards
-    against a directory found by walking up from where one stands; ours is never found that way,
-    it is derived from the state root and the name. A repository with an owner (add-repo --owner)
-    is theirs, and root must still read it."""
-    import pygit2
-
-    pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, False)
-    return pygit2.Repository(str(git_dir))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import glob
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .config import OWNED_GIT_ROOT_MODE, PRIVATE_DIR_MODE, Settings
-from .gitstore import BATCH_FETCH_ARGS, clone_blobless, git_env, open_repository, remove_abandoned_packs, run_git
+from .config import Settings
+from .gitstore import BATCH_FETCH_ARGS, clone_blobless, git_env, remove_abandoned_packs, run_git
 from .model import (
     EventType,
     InvalidInput,
@@ -175,24 +174,13 @@ def fetch_status_blobs(git_dir: Path, head: str, env: dict[str, str]) -> int:
     """Fetch the blobs `git status` reads that are missing, all in one transaction; return how
     many were fetched.
     Done before `ready`, so that no status in the mount ever waits on the network for them."""
-    odb = open_repository(git_dir).odb  # libgit2 answers "is it here?" without git's lazy fetch
+    import pygit2  # libgit2 answers "is it here?" without git's lazy fetch
+
+    odb = pygit2.Repository(str(git_dir)).odb
     missing = [oid for oid in status_blobs(git_dir, head) if not odb.exists(oid)]
     if missing:
         run_git(list(BATCH_FETCH_ARGS), git_dir=git_dir, env=env, input="".join(f"{o}\n" for o in missing).encode())
     return len(missing)
-
-
-def give_to_owner(settings: Settings, git_dir: Path, uid: int, gid: int | None) -> None:
-    """Make a git directory of ours belong to the repository's owner (add-repo --owner), so that
-    their git works in the mount: without "dubious ownership", and able to commit. Symbolic links
-    are not followed; the git root becomes traversable (not listable) for them to reach it."""
-    group = gid if gid is not None else -1
-    for dirpath, dirnames, filenames in os.walk(git_dir):
-        os.lchown(dirpath, uid, group)
-        for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), uid, group)
-    if stat.S_IMODE(settings.git_root.stat().st_mode) == PRIVATE_DIR_MODE:
-        os.chmod(settings.git_root, OWNED_GIT_ROOT_MODE)
 
 
 # Lock files git leaves behind when it is killed while writing: the index, the config, HEAD,
@@ -267,8 +255,6 @@ class Preparation:
         self.phase(Phase.INDEX)
         write_index(git_dir, head)
         fetch_status_blobs(git_dir, head, git_env(self.credential_file))
-        if repo.owner_uid is not None and not repo.prepared_gitdir:
-            give_to_owner(self.settings, git_dir, repo.owner_uid, repo.owner_gid)
         self.phase(Phase.PUBLISH)
         self._record(NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
         return head

@@ -19,7 +19,6 @@ from .model import (
     InvalidInput,
     MountRefused,
     NewEvent,
-    Owner,
     PrepareState,
     RepoState,
     StaleAttempt,
@@ -44,7 +43,6 @@ class AddRequest:
     git_dir: Path
     prepared_gitdir: bool = False  # someone else's git directory: fetch into it, never delete it
     fetch_ref: str | None = None  # what to fetch from the remote into `ref`, if not `ref` itself
-    owner: Owner | None = None  # whose the mounted files and the git directory are (default: root's)
 
 
 def parse_add_request(
@@ -58,15 +56,11 @@ def parse_add_request(
     prepared_gitdir: bool = False,
     git_dir: str | None = None,
     fetch_ref: str | None = None,
-    owner: str | None = None,
 ) -> AddRequest:
     """Validate everything a user typed before anything is written."""
     validate_name(name)
     parsed = parse_remote(remote)
     full_ref = validate_ref(ref)
-    who = lookup_owner(owner) if owner is not None else None
-    if who is not None and prepared_gitdir:
-        raise InvalidInput("--owner does not go with --prepared-gitdir: that git directory already has an owner")
     if prepared_gitdir:
         if not git_dir or not fetch_ref:
             raise InvalidInput("--prepared-gitdir needs --git-dir DIR and --fetch-ref REF")
@@ -81,19 +75,8 @@ def parse_add_request(
         raise DuplicateRepo(name)  # said before anything about its mount path (registering checks again)
     return AddRequest(
         name=name, remote=parsed, ref=full_ref, mount_path=checked_mount_path(settings, registry, name, mount_root),
-        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who,
+        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref,
     )  # fmt: skip
-
-
-def lookup_owner(user: str) -> Owner:
-    """The user named `user` (or with that uid) on this host; InvalidInput if there is none."""
-    import pwd
-
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, OverflowError):
-        raise InvalidInput(f"--owner {user}: no such user on this host (see getent passwd)") from None
-    return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
 def checked_mount_path(settings: Settings, registry: Registry, name: str, mount_root: str | None) -> Path:
@@ -180,7 +163,6 @@ def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> 
             "prepared_gitdir": req.prepared_gitdir,
             "asynchronous": asynchronous,
             "attempt": 1,
-            **({"owner_uid": req.owner.uid, "owner_gid": req.owner.gid} if req.owner is not None else {}),
         },
         job_id=job_id,
     )

@@ -54,14 +54,13 @@ def others_may_read() -> bool:
 
 
 class MountProcess:
-    def __init__(self, settings: Settings, name: str, mount_path: Path, owner: tuple[int, int] | None = None) -> None:
+    def __init__(self, settings: Settings, name: str, mount_path: Path) -> None:
         self.settings = settings
         self.name = name
         self.mount_path = mount_path
         self.stats_file = settings.stats_file(name)
         self.gate = Gate()
-        self.owner = owner
-        self.fs = TreeFS(self.gate, fsname=f"artifactfs:{name}", owner=owner)
+        self.fs = TreeFS(self.gate, fsname=f"artifactfs:{name}")
         self.shown: tuple[str, str] | None = None
         self.nursery: trio.Nursery | None = None
 
@@ -181,8 +180,7 @@ class MountProcess:
             # Credentials, if the repository has any, come from its git config (a store helper).
             hydrator = Hydrator(git_dir, self.fs.exists, fetch_timeout=self.settings.fetch_timeout,
                                 credential_env=git_env(), on_batch=self._write_stats,
-                                own_git_dir=git_dir.parent == self.settings.git_root,
-                                owner=self.owner)  # fmt: skip
+                                own_git_dir=git_dir.parent == self.settings.git_root)  # fmt: skip
             assert self.nursery is not None
             self.nursery.start_soon(hydrator.run)
         stale = self.fs.show(git_dir, head, hydrator)
@@ -221,16 +219,6 @@ def _await_mount_order() -> dict[str, Any] | None:
     return order
 
 
-def checked_owner(value: Any) -> tuple[int, int] | None:
-    """The [uid, gid] of a mount order, checked like any input: two ids a user may have."""
-    if value is None:
-        return None
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 - 1 for v in value)):  # fmt: skip
-        raise ValueError(f"a mount order's owner must be [uid, gid], not {value!r}")
-    return value[0], value[1]
-
-
 def _detach_from_mountd() -> None:
     """Once mounted, nothing ties us to the mountd that started us: not its pipes (their end
     must not end us) and not its session (we were started in a session of our own)."""
@@ -257,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s mount[{name}] %(levelname)s %(message)s")
     mount_path = check_mount_path(settings, name, str(order.get("mount_path")))
     settings.repo_state_dir(name).mkdir(parents=True, exist_ok=True)
-    proc = MountProcess(settings, name, mount_path, checked_owner(order.get("owner")))
+    proc = MountProcess(settings, name, mount_path)
     try:
         proc.mount()
     except RuntimeError as exc:

@@ -67,15 +67,11 @@ class Hydrator:
         credential_env: dict[str, str] | None = None,
         on_batch: Callable[[FetchStats], None] | None = None,
         own_git_dir: bool = True,
-        owner: tuple[int, int] | None = None,
     ) -> None:
         self.git_dir = git_dir
         # A prepared git dir is its owner's: their git may be at work in it, so what a failed
         # fetch leaves there is theirs to judge, not ours to remove.
         self.own_git_dir = own_git_dir
-        # The git directory's owner (add-repo --owner): what a batch adds becomes theirs, or their
-        # git could not read it (nor write next to it). git here runs as root, with root's access.
-        self.owner = owner
         self._exists = exists
         # What the object store is known to hold. A lookup that misses makes libgit2 rescan the
         # pack directory, which grows by one pack per batch: ask it again about an object only
@@ -156,11 +152,8 @@ class Hydrator:
     async def _fetch(self, batch: dict[str, _Pending]) -> None:
         started = time.monotonic()
         before = temporary_packs(self.git_dir) if self.own_git_dir else set()
-        packs_before = self._pack_files() if self.owner is not None else set()
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
         elapsed = time.monotonic() - started
-        if self.owner is not None:
-            self._give_to_owner(self._pack_files() - packs_before)
         if error is not None and self.own_git_dir:
             # git is gone (failed or killed with its group): a temporary pack it began is waste,
             # and on a full disk it holds the very space the next fetch needs.
@@ -180,20 +173,6 @@ class Hydrator:
                 pending.error = error or "the remote did not send it"
         if self.on_batch is not None:
             self.on_batch(self.stats)
-
-    def _pack_files(self) -> set[str]:
-        try:
-            return set(os.listdir(self.git_dir / "objects" / "pack"))
-        except OSError:
-            return set()
-
-    def _give_to_owner(self, names: set[str]) -> None:
-        assert self.owner is not None
-        for name in names:
-            try:
-                os.lchown(self.git_dir / "objects" / "pack" / name, *self.owner)
-            except FileNotFoundError:
-                continue  # a temporary file renamed meanwhile: its final name is in the set too
 
     async def _remove_left_packs(self, left: set[Path]) -> None:
         """Remove what a failed fetch left in the pack directory, once the grace period that

@@ -29,7 +29,6 @@ from pathlib import Path
 import pyfuse3
 import pygit2
 
-from ..gitstore import open_repository
 from ..model import BlobFetchFailed, ObjectMissing
 from .faults import contained
 from .gate import Gate
@@ -61,7 +60,7 @@ class TreeFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, gate: Gate, *, fsname: str = "artifactfs", owner: tuple[int, int] | None = None) -> None:
+    def __init__(self, gate: Gate, *, fsname: str = "artifactfs") -> None:
         super().__init__()
         self.gate = gate
         self.fsname = fsname
@@ -74,8 +73,8 @@ class TreeFS(pyfuse3.Operations):
         self.next_handle = 1
         self.sizes: dict[str, int] = {}
         self._blob_cache: OrderedDict[str, bytes] = OrderedDict()
-        # Whose every file is (add-repo --owner), so that their git trusts the work tree.
-        self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
+        self.uid = os.getuid()
+        self.gid = os.getgid()
 
     # --- what is shown ---
 
@@ -91,7 +90,7 @@ class TreeFS(pyfuse3.Operations):
         kernel forgets them and their last handle is closed, so a file opened before keeps reading
         the content it opened; nodes of that commit the kernel does not know go at once.
         """
-        repo = open_repository(git_dir)
+        repo = pygit2.Repository(str(git_dir))
         commit = repo.get(head)
         if not isinstance(commit, pygit2.Commit):
             raise ValueError(f"{head} is not a commit in {git_dir}")
