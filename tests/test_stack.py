@@ -19,7 +19,7 @@ from artifactfs.procs import cmdline, identify, write_pid_file
 from artifactfs.stack import rotate_log
 from mountd.control import ControlClient
 
-from .conftest import PYTHON, Artifactfs, new_installation, wait_until
+from .conftest import PYTHON, Artifactfs, free_port, new_installation, wait_until
 from .gitremote import SampleRepo
 
 SERVICES = ("redis", "worker", "mountd", "flower")
@@ -307,9 +307,11 @@ def test_a_service_dying_at_start_stops_only_what_this_up_started(afs: Artifactf
     afs.up()
     before = {name: afs.service_pid(name) for name in ("redis", "worker", "mountd")}
     afs.stop_service("flower")
+    # A port of its own: Flower's old one may linger in TIME_WAIT, where this bind would fail.
+    port = free_port()
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", afs.flower_port))
-        line = afs.fail("up", "--flower-port", str(afs.flower_port))
+        taken.bind(("127.0.0.1", port))
+        line = afs.fail("up", "--flower-port", str(port))
     assert "flower exited at start" in line and "stopped what" not in line, line
     counts = stack_processes_main(afs)
     assert counts == {"redis": 1, "worker": 1, "mountd": 1, "flower": 0}, counts
