@@ -23,12 +23,12 @@ import shutil
 import signal
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import Settings
 from .locks import repo_lock
 from .model import ArtifactError, GitError, Phase, PrepareState, PrepareTimeout, RegistryBusy, RepoState, StaleAttempt
 from .prepare import Patience, Preparation, fail_attempt
+from .procs import all_pids, parent_pid
 from .registry import Registry, open_registry
 from .remotes import redact, validate_name
 
@@ -224,18 +224,7 @@ def become_subreaper() -> None:
 
 
 def child_pids(parent: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # The command name (field 2) is in parentheses and may hold anything: split after its end.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            found.append(int(entry))
-    return found
+    return [pid for pid in all_pids() if parent_pid(pid) == parent]
 
 
 def end_children() -> None:

@@ -30,6 +30,27 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw.rsplit(")", 1)[1].split()
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` (R, S, D, T, Z...), or None if there is no such process."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields is not None else None
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
+
+
+def process_group(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if fields is not None else None
+
+
+def all_pids() -> list[int]:
+    """Every process on this host (some may be gone by the time they are looked at)."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def identify(pid: int) -> ProcessId | None:
     """The identity of a running (non-zombie) process, or None."""
     fields = _stat_fields(pid)
@@ -68,10 +89,15 @@ def read_pid_file(path: Path) -> ProcessId | None:
 
 
 def cmdline(pid: int) -> list[str]:
+    """The arguments of process `pid` ([] for a kernel thread or a process gone). A process that
+    rewrote its title may leave the last one without its terminating NUL: it still counts."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
+    if args[-1] == "":
+        args.pop()
+    return args
 
 
 def open_files(candidates: set[Path]) -> set[Path]:

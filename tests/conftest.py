@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts, unmount
-from artifactfs.procs import is_running, read_pid_file
+from artifactfs.procs import all_pids, cmdline, identify, is_running, read_pid_file
 
 from .gitremote import GitDaemon, SampleRepo, make_sample_repo
 from .postgres import PostgresServer
@@ -68,12 +68,26 @@ def waits_on_fuse(pid: int, tid: int | None = None) -> bool:
     return False
 
 
+def command_lines() -> dict[int, str]:
+    """Every process's command line, its arguments joined by spaces (kernel threads have none)."""
+    return {pid: " ".join(args) for pid in all_pids() if (args := cmdline(pid))}
+
+
+def environ_root(pid: int) -> str | None:
+    """The ARTIFACTFS_ROOT in process `pid`'s environment: which installation started it."""
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.startswith(b"ARTIFACTFS_ROOT="):
+            return entry.removeprefix(b"ARTIFACTFS_ROOT=").decode(errors="replace")
+    return None
+
+
 def process_gone(pid: int) -> bool:
     """Whether process `pid` has exited (a zombie waiting for its parent counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except OSError:
-        return True
+    return identify(pid) is None
 
 
 def free_port() -> int:

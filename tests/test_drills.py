@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts
-from artifactfs.procs import cmdline, identify
+from artifactfs.procs import all_pids, cmdline, identify
 from artifactfs.registry import open_registry
 
-from .conftest import Artifactfs, new_installation, wait_until
+from .conftest import Artifactfs, environ_root, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, git, make_many_files_repo, make_sample_repo
 from .test_async import Blocked, add_async
 from .test_jobs import HeldRemote, group_members, held, history  # noqa: F401 (held: a fixture)
@@ -46,18 +46,8 @@ def installation_processes(afs: Artifactfs) -> dict[int, str]:
     """Every live process (zombies aside) started for this installation: its environment names
     this state root. That covers each service, the worker's pool, mount processes and any git they
     ran, however they were started."""
-    marker = f"ARTIFACTFS_ROOT={afs.root}".encode()
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid() or identify(int(entry)) is None:
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ:
-            found[int(entry)] = " ".join(cmdline(int(entry)))
-    return found
+    return {pid: " ".join(cmdline(pid)) for pid in all_pids()
+            if pid != os.getpid() and identify(pid) is not None and environ_root(pid) == str(afs.root)}  # fmt: skip
 
 
 def installation_mounts(afs: Artifactfs) -> list[str]:

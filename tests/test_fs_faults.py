@@ -22,10 +22,10 @@ import trio.testing
 from artifactfs.fs import faults, operations
 from artifactfs.fs.gate import Gate, GateState, wait_for
 from artifactfs.mounts import fuse_mounts
-from artifactfs.procs import cmdline
+from artifactfs.procs import process_state
 from mountd.control import ControlClient
 
-from .conftest import Artifactfs, wait_until, waits_on_fuse
+from .conftest import Artifactfs, command_lines, wait_until, waits_on_fuse
 from .gitremote import HungRemote, SampleRepo, add_commit, git, make_sample_repo
 
 FILE = "src/app.py"
@@ -53,12 +53,7 @@ def describe(afs: Artifactfs, name: str) -> dict[str, object]:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    return [pid for pid in pids if any(text in arg for arg in cmdline(pid))]
-
-
-def process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    return [pid for pid, line in command_lines().items() if text in line]
 
 
 def reader(path: Path) -> subprocess.Popen[bytes]:

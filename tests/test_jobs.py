@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +23,10 @@ from artifactfs.gitstore import remove_abandoned_packs, temporary_packs
 from artifactfs.jobs import failpoint_from_env
 from artifactfs.model import EventType, NewEvent, Phase, RepoState
 from artifactfs.prepare import Preparation
+from artifactfs.procs import all_pids, process_group
 from artifactfs.registry import open_registry
 
-from .conftest import PYTHON, Artifactfs, wait_until
+from .conftest import PYTHON, Artifactfs, command_lines, wait_until
 from .gitremote import GitDaemon, GitHttpServer, SampleRepo, make_sample_repo
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class HeldRemote:
 
     def processes(self) -> list[int]:
         """Processes still running this remote's stand-in for ssh."""
-        return [pid for pid, line in command_lines() if str(self.script) in line]
+        return [pid for pid, line in command_lines().items() if str(self.script) in line]
 
 
 @pytest.fixture
@@ -96,19 +96,6 @@ def _gone() -> Iterator[None]:
         yield
     except ProcessLookupError:
         pass
-
-
-def command_lines() -> list[tuple[int, str]]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if raw:
-                found.append((int(entry), raw.replace(b"\0", b" ").decode(errors="replace")))
-    return found
 
 
 def add_async(afs: Artifactfs, name: str, remote: str) -> None:
@@ -478,16 +465,7 @@ def test_failpoint_drill_worker_killed_at_the_clone_then_the_job_completes(afs: 
 
 def group_members(group: int) -> list[int]:
     """Every process of a process group, zombies included."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[2]) == group:
-                found.append(int(entry))
-    return found
+    return [pid for pid in all_pids() if process_group(pid) == group]
 
 
 # --- 6. two deliveries of one job at once -----------------------------------------------------------

@@ -15,32 +15,14 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts
-from artifactfs.procs import cmdline, identify, write_pid_file
+from artifactfs.procs import cmdline, identify, parent_pid, write_pid_file
 from artifactfs.stack import rotate_log
 from mountd.control import ControlClient
 
-from .conftest import PYTHON, Artifactfs, free_port, new_installation, wait_until
+from .conftest import PYTHON, Artifactfs, environ_root, free_port, new_installation, wait_until
 from .gitremote import SampleRepo
 
 SERVICES = ("redis", "worker", "mountd", "flower")
-
-
-def _environ_root(pid: int) -> str | None:
-    try:
-        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for entry in entries:
-        if entry.startswith(b"ARTIFACTFS_ROOT="):
-            return entry.removeprefix(b"ARTIFACTFS_ROOT=").decode(errors="replace")
-    return None
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def stack_processes(afs: Artifactfs) -> dict[str, list[int]]:
@@ -56,7 +38,7 @@ def stack_processes(afs: Artifactfs) -> dict[str, list[int]]:
         line = " ".join(args)
         if "redis-server" in line and socket_path in line:
             found["redis"].append(pid)
-        elif _environ_root(pid) != str(afs.root):
+        elif environ_root(pid) != str(afs.root):
             continue
         elif "artifactfs.cli" in args and "worker" in args:
             found["worker"].append(pid)  # its pool processes too
@@ -71,7 +53,7 @@ def stack_processes_main(afs: Artifactfs) -> dict[str, int]:
     """How many main processes of each service run (the worker's pool processes are its children)."""
     procs = stack_processes(afs)
     workers = procs["worker"]
-    procs["worker"] = [pid for pid in workers if _ppid(pid) not in workers]
+    procs["worker"] = [pid for pid in workers if parent_pid(pid) not in workers]
     return {name: len(pids) for name, pids in procs.items()}
 
 
