@@ -151,14 +151,14 @@ class Hydrator:
 
     async def _fetch(self, batch: dict[str, _Pending]) -> None:
         started = time.monotonic()
-        before = temporary_packs(self.git_dir) if self.own_git_dir else set()
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
         elapsed = time.monotonic() - started
         if error is not None and self.own_git_dir:
             # git is gone (failed or killed with its group): a temporary pack it began is waste,
             # and on a full disk it holds the very space the next fetch needs.
             assert self._nursery is not None
-            self._nursery.start_soon(self._remove_left_packs, temporary_packs(self.git_dir) - before)
+            # Only a failure looks at the pack directory: a batch that succeeds costs no glob.
+            self._nursery.start_soon(self._remove_left_packs, temporary_packs(self.git_dir))
         self._absent.clear()  # what was missing may be here now
         self.stats.transactions += 1
         self.stats.objects += len(batch)
