@@ -1,0 +1,215 @@
+"""The overlay: what was written on top of the commit shown, kept across restarts.
+
+The base layer (a commit's trees, read through pygit2) never changes; every change lands here.
+An entry records one path's state in the overlay:
+
+- a file whose content is ours (`data`, the id of a content file under data/), or still the
+  base's blob (`base_oid`: renamed or chmod'ed, never read, so never fetched);
+- a directory made here, or one renamed from the base (`base_tree`: its entries come from that
+  tree, under the new name, without copying anything); `opaque` hides the base directory that
+  stood at the same path (removed, then made again);
+- a symbolic link;
+- a whiteout: the path exists in the base and was removed.
+
+Metadata lives in a SQLite database whose every committed transaction is durable (synchronous
+FULL), so a crash of the mount process loses no change it acknowledged; content files are plain
+files fsync'd when the caller fsyncs. Content files are named by id, not by path, so a rename
+moves no data and an open handle keeps its content after its path is renamed or unlinked.
+
+Paths are relative, as bytes, without a leading slash (b"src/app.py"); b"" is the root.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    path BLOB PRIMARY KEY,
+    parent BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    data INTEGER,
+    base_oid TEXT,
+    base_tree TEXT,
+    target BLOB,
+    opaque INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class EntryKind(enum.Enum):
+    FILE = "file"
+    DIR = "dir"
+    LINK = "link"
+    WHITEOUT = "whiteout"
+
+
+@dataclass(frozen=True)
+class OverlayEntry:
+    path: bytes
+    kind: EntryKind
+    mode: int  # permission bits (0o755 for an executable file)
+    mtime_ns: int
+    data: int | None = None  # FILE: our content file
+    base_oid: str | None = None  # FILE: content still the base's blob
+    base_tree: str | None = None  # DIR: entries of this base tree show under the new path
+    target: bytes | None = None  # LINK
+    opaque: bool = False  # DIR: the base directory at this path is hidden
+
+    @property
+    def name(self) -> bytes:
+        return self.path.rsplit(b"/", 1)[-1]
+
+
+def parent_of(path: bytes) -> bytes:
+    return path.rsplit(b"/", 1)[0] if b"/" in path else b""
+
+
+def _under(prefix: bytes) -> tuple[bytes, bytes]:
+    """The half-open key range of every path strictly under directory `prefix` ('/' + 1 is '0')."""
+    return prefix + b"/", prefix + b"0"
+
+
+class Overlay:
+    """One mount's overlay under `root`: meta.db and data/<id>."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_root = root / "data"
+        self.data_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.conn = sqlite3.connect(root / "meta.db", isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # a committed change survives a crash
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    # --- reading ---
+
+    def entry(self, path: bytes) -> OverlayEntry | None:
+        row = self.conn.execute("SELECT * FROM entries WHERE path = ?", (path,)).fetchone()
+        return _entry(row) if row is not None else None
+
+    def children(self, directory: bytes) -> dict[bytes, OverlayEntry]:
+        """The overlay's direct entries in `directory`, whiteouts included, by name."""
+        rows = self.conn.execute("SELECT * FROM entries WHERE parent = ? ORDER BY path", (directory,))
+        return {entry.name: entry for entry in map(_entry, rows)}
+
+    def dirty_paths(self) -> list[bytes]:
+        """Every path the overlay holds: the only paths whose state may differ from the base."""
+        return [row[0] for row in self.conn.execute("SELECT path FROM entries ORDER BY path")]
+
+    def data_path(self, data: int) -> Path:
+        return self.data_root / str(data)
+
+    # --- writing ---
+
+    def new_data(self) -> int:
+        """A new, empty content file (0600); its id."""
+        with self._tx() as tx:
+            row = tx.execute(
+                "INSERT INTO counters(name, value) VALUES ('data', 1) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value"
+            ).fetchone()
+        data = int(row[0])
+        fd = os.open(self.data_path(data), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        return data
+
+    def put(self, entry: OverlayEntry) -> None:
+        """Record `entry`, replacing what the overlay held at its path."""
+        with self._tx() as tx:
+            _put(tx, entry)
+
+    def remove(self, path: bytes, *, in_base: bool, mtime_ns: int) -> list[int]:
+        """Remove `path` (and all under it): a whiteout if the base has it, nothing otherwise.
+        Returns the content files no entry refers to any more (the caller frees them once no
+        handle holds them open)."""
+        with self._tx() as tx:
+            freed = _delete_tree(tx, path)
+            if in_base:
+                _put(tx, OverlayEntry(path, EntryKind.WHITEOUT, 0, mtime_ns))
+        return freed
+
+    def rename(self, old: bytes, new: bytes, *, moved: OverlayEntry | None, old_in_base: bool, mtime_ns: int) -> list[int]:
+        """Move `old` (and every entry under it) to `new`, replacing what stood there.
+
+        `moved` is the entry to record at `new` when `old` has none of its own in the overlay (a
+        base file or directory: it is recorded by reference, base_oid or base_tree, and nothing
+        is copied). The old path gets a whiteout if the base has it. Returns the content files
+        freed by what the rename replaced."""
+        with self._tx() as tx:
+            freed = _delete_tree(tx, new)
+            lo, hi = _under(old)
+            tx.execute(
+                # || makes text of blobs: cast back, or the moved paths would no longer match.
+                "UPDATE entries SET path = CAST(? || substr(path, ?) AS BLOB), "
+                "parent = CAST(? || substr(parent, ?) AS BLOB) WHERE path >= ? AND path < ?",
+                (new, len(old) + 1, new, len(old) + 1, lo, hi),
+            )
+            current = tx.execute("SELECT * FROM entries WHERE path = ?", (old,)).fetchone()
+            tx.execute("DELETE FROM entries WHERE path = ?", (old,))
+            entry = _entry(current) if current is not None and current["kind"] != EntryKind.WHITEOUT.value else moved
+            if entry is None:
+                raise FileNotFoundError(old.decode(errors="replace"))
+            _put(tx, _moved(entry, new))
+            if old_in_base:
+                _put(tx, OverlayEntry(old, EntryKind.WHITEOUT, 0, mtime_ns))
+        return freed
+
+    def unreferenced(self, data: int) -> bool:
+        return self.conn.execute("SELECT 1 FROM entries WHERE data = ?", (data,)).fetchone() is None
+
+    def free(self, data: int) -> None:
+        """Delete a content file no entry refers to (and no handle holds open any more)."""
+        if self.unreferenced(data):
+            self.data_path(data).unlink(missing_ok=True)
+
+
+def _entry(row: sqlite3.Row | tuple) -> OverlayEntry:  # type: ignore[type-arg]
+    path, _parent, kind, mode, mtime_ns, data, base_oid, base_tree, target, opaque = tuple(row)
+    return OverlayEntry(path, EntryKind(kind), mode, mtime_ns, data, base_oid, base_tree, target, bool(opaque))
+
+
+def _moved(entry: OverlayEntry, path: bytes) -> OverlayEntry:
+    return OverlayEntry(path, entry.kind, entry.mode, entry.mtime_ns, entry.data, entry.base_oid,
+                        entry.base_tree, entry.target, entry.opaque)  # fmt: skip
+
+
+def _put(tx: sqlite3.Connection, entry: OverlayEntry) -> None:
+    tx.execute(
+        "INSERT OR REPLACE INTO entries(path, parent, kind, mode, mtime_ns, data, base_oid, base_tree, target, opaque) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (entry.path, parent_of(entry.path), entry.kind.value, entry.mode, entry.mtime_ns, entry.data,
+         entry.base_oid, entry.base_tree, entry.target, int(entry.opaque)),
+    )  # fmt: skip
+
+
+def _delete_tree(tx: sqlite3.Connection, path: bytes) -> list[int]:
+    """Delete the entry at `path` and every entry under it; return the content files they held."""
+    lo, hi = _under(path)
+    where = "path = ? OR (path >= ? AND path < ?)"
+    held = [row[0] for row in tx.execute(f"SELECT data FROM entries WHERE ({where}) AND data IS NOT NULL", (path, lo, hi))]
+    tx.execute(f"DELETE FROM entries WHERE {where}", (path, lo, hi))
+    return [data for data in held if tx.execute("SELECT 1 FROM entries WHERE data = ?", (data,)).fetchone() is None]
