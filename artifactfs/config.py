@@ -139,6 +139,10 @@ class Settings:
     def repo_state_dir(self, name: str) -> Path:
         return self.state_root / name
 
+    def overlay_dir(self, name: str) -> Path:
+        """What was written in the repository's mount (fs/overlay.py): kept across restarts."""
+        return self.repo_state_dir(name) / "overlay"
+
     def stats_file(self, name: str) -> Path:
         return self.repo_state_dir(name) / "fetch-stats.json"
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import Settings
+from .fs.fsmonitor import add_fsmonitor_extension, base_token, hook_command
 from .gitstore import BATCH_FETCH_ARGS, clone_blobless, git_env, remove_abandoned_packs, run_git
 from .model import (
     EventType,
@@ -132,22 +133,22 @@ def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> 
 
 
 def write_index(git_dir: Path, head: str) -> None:
-    """An index of the commit's tree, every entry marked assume-unchanged.
+    """An index of the commit's tree, every entry valid for git's file system monitor.
 
     read-tree needs only trees, which a blobless clone has. The index holds no stat data that
-    matches the mount, so git would stat and hash every tracked file, downloading the whole
-    repository for one `git status`. The mounted tree is read-only: no tracked file can change,
-    so telling git to trust the index is true (whatever makes the tree writable must clear the
-    bit for what it changes).
+    matches the mount, so without help git would stat and hash every tracked file, downloading
+    the whole repository for one `git status`. Only the overlay can change a mounted tree, and
+    the mount tells git's fsmonitor hook every path it changed (fs/fsmonitor.py): so the index
+    starts with every entry valid and a token that asks the mount what changed since this
+    commit. The untracked cache, also led by the monitor, spares later statuses the walk of
+    every directory.
     """
-    run_git(["read-tree", head], git_dir=git_dir)
-    # The preloading threads lstat every entry, assume-unchanged or not: turn them off.
-    run_git(["config", "core.preloadIndex", "false"], git_dir=git_dir)
-    paths = run_git(["ls-files", "-z"], git_dir=git_dir).stdout
-    if paths:
-        # update-index wants a work tree; it only flips index bits and looks at no file.
-        run_git([f"--work-tree={git_dir}", "update-index", "-z", "--assume-unchanged", "--stdin"],
-                git_dir=git_dir, input=paths)  # fmt: skip
+    # No monitor while the index is made here: read-tree would ask the hook, from no work tree.
+    run_git(["-c", "core.fsmonitor=false", "read-tree", head], git_dir=git_dir)
+    run_git(["config", "core.fsmonitor", hook_command()], git_dir=git_dir)
+    run_git(["config", "core.untrackedCache", "true"], git_dir=git_dir)
+    object_format = run_git(["rev-parse", "--show-object-format"], git_dir=git_dir).stdout.decode().strip()
+    add_fsmonitor_extension(git_dir / "index", base_token(head), object_format)
 
 
 # What git itself reads from the work tree for a status (ignore rules, attributes, submodules): in a

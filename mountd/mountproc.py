@@ -28,6 +28,7 @@ from artifactfs.config import Settings, load_settings
 from artifactfs.fs.gate import Gate
 from artifactfs.fs.hydrator import FetchStats, Hydrator
 from artifactfs.fs.operations import TreeFS
+from artifactfs.fs.overlay import Overlay
 from artifactfs.gitstore import git_env
 from artifactfs.mounts import check_mount_path
 from artifactfs.procs import read_pid_file, write_pid_file
@@ -60,7 +61,8 @@ class MountProcess:
         self.mount_path = mount_path
         self.stats_file = settings.stats_file(name)
         self.gate = Gate()
-        self.fs = TreeFS(self.gate, fsname=f"artifactfs:{name}")
+        self.overlay = Overlay(settings.overlay_dir(name))
+        self.fs = TreeFS(self.gate, self.overlay, fsname=f"artifactfs:{name}")
         self.shown: tuple[str, str] | None = None
         self.nursery: trio.Nursery | None = None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs.fs.overlay import EntryKind, Overlay, OverlayEntry
+from artifactfs.fs.overlay import Change, EntryKind, Overlay, OverlayEntry
 
 T = 1_700_000_000_000_000_000
 
@@ -74,7 +74,7 @@ def test_renaming_over_a_target_frees_what_it_held(overlay: Overlay) -> None:
     old, new = overlay.new_data(), overlay.new_data()
     overlay.put(file(b"a.txt", new))
     overlay.put(file(b"b.txt", old))
-    assert overlay.rename(b"a.txt", b"b.txt", moved=None, old_in_base=False, mtime_ns=T) == [old]
+    assert overlay.rename(b"a.txt", b"b.txt", moved=file(b"a.txt", new), old_in_base=False, mtime_ns=T) == [old]
     assert overlay.entry(b"b.txt") == file(b"b.txt", new)
     assert overlay.entry(b"a.txt") is None
     overlay.free(old)
@@ -88,8 +88,31 @@ def test_a_base_file_renamed_is_recorded_by_reference(overlay: Overlay) -> None:
     overlay.rename(b"src/app.py", b"app.py", moved=moved, old_in_base=True, mtime_ns=T)
     assert overlay.entry(b"app.py") == file(b"app.py", base_oid="cd" * 20, mode=0o755)
     assert overlay.entry(b"src/app.py").kind is EntryKind.WHITEOUT  # type: ignore[union-attr]
-    with pytest.raises(FileNotFoundError):
-        overlay.rename(b"gone", b"there", moved=None, old_in_base=False, mtime_ns=T)
+
+
+def test_changes_are_numbered_and_survive_a_reopen(overlay: Overlay, tmp_path: Path) -> None:
+    start = overlay.seq
+    overlay.put(file(b"a.txt", overlay.new_data()))
+    middle = overlay.seq
+    overlay.rename(b"a.txt", b"docs/a.txt", moved=file(b"a.txt"), old_in_base=False, mtime_ns=T)
+    overlay.touch(b"docs/a.txt")
+    assert overlay.changes_since(start) == [Change(b"a.txt", True), Change(b"docs/a.txt", True)]
+    assert overlay.changes_since(middle) == [Change(b"a.txt", True), Change(b"docs/a.txt", True)]
+    assert overlay.changes_since(overlay.seq) == []
+    seq, ident = overlay.seq, overlay.id
+    overlay.close()
+    again = Overlay(tmp_path / "overlay")
+    assert again.id == ident
+    assert again.seq == seq - 1  # the content write was numbered in memory only
+    assert again.changes_since(start) == [Change(b"a.txt", True), Change(b"docs/a.txt", True)]
+
+
+def test_content_files_nothing_refers_to_are_collected_at_open(overlay: Overlay, tmp_path: Path) -> None:
+    kept, orphan = overlay.new_data(), overlay.new_data()
+    overlay.put(file(b"kept.txt", kept))
+    overlay.close()
+    Overlay(tmp_path / "overlay")
+    assert overlay.data_path(kept).exists() and not overlay.data_path(orphan).exists()
 
 
 def test_a_change_acknowledged_survives_a_kill(tmp_path: Path) -> None:

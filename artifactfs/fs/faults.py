@@ -1,12 +1,13 @@
 """No fault in one operation ends the session: every kernel operation of a filesystem class is
 wrapped so that an unexpected exception (a missing object, a pack gone underneath, a bug) fails
-that one operation with EIO and one log line."""
+that one operation with EIO and one log line (a full disk: ENOSPC, and no log line)."""
 from __future__ import annotations
 
 import errno
 import functools
 import inspect
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,10 @@ log = logging.getLogger(__name__)
 KERNEL_OPERATIONS = frozenset(
     name for name, member in vars(pyfuse3.Operations).items() if inspect.iscoroutinefunction(member)
 )
+# A full disk or quota is the caller's to know, as on any file system; the change it would have
+# made is rolled back (SQLite) or never recorded, so nothing is left half done.
+PASSED_ON = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+SQLITE_FULL = 13
 Operation = Callable[..., Awaitable[Any]]
 FS = TypeVar("FS", bound=type)
 
@@ -51,6 +56,16 @@ def contain(operation: str, handler: Operation) -> Operation:
             return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except OSError as exc:
+            if exc.errno in PASSED_ON:
+                raise pyfuse3.FUSEError(exc.errno) from None
+            _log_fault(self, operation, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            _log_fault(self, operation, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception as exc:
             _log_fault(self, operation, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -48,7 +48,7 @@ class Layers:
         self.root_tree = root_tree
         self.overlay = overlay
 
-    def _base_child(self, tree: str | None, name: bytes) -> tuple[Kind, str] | None:
+    def base_child(self, tree: str | None, name: bytes) -> tuple[Kind, str] | None:
         if tree is None:
             return None
         obj = self.repo.get(tree)
@@ -80,7 +80,7 @@ class Layers:
     def _child(self, parent: Shown, path: bytes, name: bytes) -> Shown | None:
         entry = self.overlay.entry(path)
         if entry is None:
-            base = self._base_child(parent.base_tree, name)
+            base = self.base_child(parent.base_tree, name)
             return Shown(path, base[0], base[1], None) if base is not None else None
         return self._from_entry(parent, entry)
 
@@ -93,7 +93,7 @@ class Layers:
             elif entry.opaque:
                 tree = None
             else:  # made here over nothing, or chmod'ed: whatever the base has at this path
-                base = self._base_child(parent.base_tree, entry.name)
+                base = self.base_child(parent.base_tree, entry.name)
                 tree = base[1] if base is not None and base[0] is Kind.DIR else None
             return Shown(entry.path, Kind.DIR, tree, entry)
         return Shown(entry.path, overlay_kind(entry), entry.base_oid, entry)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import enum
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyfuse3
 import pygit2
 
 from .hydrator import Hydrator
+
+if TYPE_CHECKING:
+    from .layers import Layers, Shown
+    from .overlay import OverlayEntry
 
 DOTGIT_INODE = pyfuse3.ROOT_INODE + 1
 FIRST_INODE = DOTGIT_INODE + 1
@@ -52,9 +57,7 @@ class Snapshot:
     dotgit: bytes
     mtime_ns: int
     hydrator: Hydrator
-
-
-Entry = tuple[Kind, str | None]  # a directory entry as git has it: kind and object id
+    layers: Layers  # this commit's trees under the overlay
 
 
 @dataclass(eq=False)
@@ -63,14 +66,21 @@ class Node:
     parent: int
     name: bytes
     kind: Kind
-    oid: str | None  # tree id for directories, blob id for files and links, commit id for gitlinks
+    # The base object it shows: a tree for a directory (None for one the overlay made), a blob for
+    # a file or link whose content is still the base's, a commit for a gitlink.
+    oid: str | None
     snap: Snapshot  # the commit this node belongs to
-    entries: dict[bytes, Entry] | None = None  # a directory's git tree, by name, read on first use
+    # The overlay's record of this path, if it has one. Its path goes stale when a directory above
+    # is renamed: the node's place is its parent and name, and only the record's other fields count.
+    over: OverlayEntry | None = None
+    entries: dict[bytes, Shown] | None = None  # a directory's merged listing, read on first use
     children: dict[bytes, int] = field(default_factory=dict)  # the nodes made so far for entries
     listed: bool = False  # listed by readdir: its files come along when one of them is fetched
     misses: int = 0  # blobs of this directory fetched one at a time so far
     lookups: int = 0  # the kernel's lookup count: entries handed out and not forgotten yet
     handles: int = 0  # open file and directory handles on this node
+    mtime_ns: int | None = None  # written to since its record was last saved (on release, fsync)
+    unlinked: bool = False  # removed or replaced while the kernel or a handle still holds it
 
     @property
     def is_dir(self) -> bool:
@@ -80,9 +90,19 @@ class Node:
     def is_blob(self) -> bool:
         return self.kind in BLOB_KINDS
 
+    @property
+    def data(self) -> int | None:
+        """The overlay content file holding this file's content, if it is no longer the base's."""
+        return self.over.data if self.over is not None else None
+
 
 @dataclass(eq=False)
 class Handle:
     """One open() or opendir(): the node (and through it the commit) it was opened on."""
 
     node: Node
+    writable: bool = False
+    append: bool = False
+    fd: int | None = None  # open on content file `data` (the node's, unless it was copied up since)
+    data: int | None = None
+    names: list[bytes] | None = None  # a directory's names as listed when readdir began

@@ -1,29 +1,40 @@
-"""The FUSE filesystem of one mounted repository: one commit's tree, read-only, hydrated lazily.
+"""The FUSE filesystem of one mounted repository: one commit's tree under a writable overlay.
 
 One method per kernel operation, in the manner of pyfuse3's examples. Trees come from the local
-blobless clone through pygit2; a blob is fetched (in a batch, see hydrator.py) only when its
-content or its real size is needed. Until then an entry reports size 0 with an attribute timeout
-of 0, so the kernel asks again (getattr) before it relies on the size.
+blobless clone through pygit2 (layers.py merges them with the overlay); a blob is fetched (in a
+batch, see hydrator.py) only when its content or its real size is needed. Until then an entry
+reports size 0 with an attribute timeout of 0, so the kernel asks again (getattr) before it
+relies on the size.
+
+Every change lands in the overlay (overlay.py), recorded before the operation returns: a write to
+a tracked file copies it up first (hydrating it, unless it is truncated to nothing), a removal
+leaves a whiteout, a rename of a tracked file or directory records it by reference and copies
+nothing. The overlay numbers every change so that git's fsmonitor hook learns which paths changed
+(fsmonitor.py), and git never reads or hashes a file nobody touched.
 
 Every user-facing operation first passes the readiness gate (gate.py); root getattr, statfs,
 forget, release and flush never wait, so `mount`, `df`, unmounting and shell prompts keep working
-while a repository prepares. Neither do read and readdir: they work on a handle, which open and
-opendir gave out on a commit already shown, and keep serving that commit while a later
+while a repository prepares. Neither do read, write, readdir and fsync: they work on a handle,
+which open and opendir gave out on a commit already shown, and keep serving it while a later
 preparation holds the gate closed.
 
 No fault in one operation ends the session: every kernel operation is wrapped (faults.py) so
 that an unexpected exception (a missing object, a pack gone underneath, a bug) fails that one
-operation with EIO and one log line.
+operation with EIO and one log line; a full disk fails it with ENOSPC.
 
-Nodes of a commit no longer shown are kept only while the kernel knows their inode (its lookup
-count) or a handle is open on them, so memory does not grow with every refresh.
+Nodes of a commit no longer shown, and nodes removed, are kept only while the kernel knows their
+inode (its lookup count) or a handle is open on them, so memory does not grow with every refresh
+and an open file keeps working after it is renamed or unlinked.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
-from collections import OrderedDict
+import stat
+import time
+from collections import Counter, OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import pyfuse3
@@ -31,27 +42,36 @@ import pygit2
 
 from ..model import BlobFetchFailed, ObjectMissing
 from .faults import contained
+from .fsmonitor import Answers
 from .gate import Gate
 from .hydrator import Hydrator
+from .layers import Layers, Shown, overlay_kind
 from .nodes import (
     BLOB_KINDS,
     DOTGIT_INODE,
     FIRST_INODE,
     FIXED_INODES,
-    GIT_MODE_KINDS,
     KIND_MODES,
-    Entry,
     Handle,
     Kind,
     Node,
     Snapshot,
 )
+from .overlay import EntryKind, Overlay, OverlayEntry
 
 log = logging.getLogger(__name__)
 
-CACHE_SECONDS = 300.0  # one commit's tree never changes; the gate invalidates on a new commit
+CACHE_SECONDS = 300.0  # every change passes through the kernel; the gate invalidates on a new commit
 SIBLING_BATCH_LIMIT = 2000
 BLOB_CACHE_ENTRIES = 64
+NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+TYPE_BITS = {EntryKind.FILE: stat.S_IFREG, EntryKind.DIR: stat.S_IFDIR, EntryKind.LINK: stat.S_IFLNK}
+
+
+def fuse_error(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
 
 
 @contained
@@ -60,9 +80,10 @@ class TreeFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, gate: Gate, *, fsname: str = "artifactfs") -> None:
+    def __init__(self, gate: Gate, overlay: Overlay, *, fsname: str = "artifactfs") -> None:
         super().__init__()
         self.gate = gate
+        self.overlay = overlay
         self.fsname = fsname
         self.snapshot: Snapshot | None = None
         # Every live node, of the commit shown and of earlier ones still in use. Inode numbers are
@@ -73,8 +94,10 @@ class TreeFS(pyfuse3.Operations):
         self.next_handle = 1
         self.sizes: dict[str, int] = {}
         self._blob_cache: OrderedDict[str, bytes] = OrderedDict()
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        self.held: Counter[int] = Counter()  # content files open in handles, by id
+        self.doomed: set[int] = set()  # content files no entry refers to, deleted at their last close
+        self.fsmonitor = Answers(overlay)
+        self.uid, self.gid = os.getuid(), os.getgid()
 
     # --- what is shown ---
 
@@ -83,7 +106,8 @@ class TreeFS(pyfuse3.Operations):
         return self.snapshot.hydrator if self.snapshot is not None else None
 
     def show(self, git_dir: Path, head: str, hydrator: Hydrator) -> list[tuple[int, bytes]]:
-        """Show commit `head` of `git_dir` (called when the repository becomes ready).
+        """Show commit `head` of `git_dir` under the overlay (called when the repository becomes
+        ready).
 
         Returns the (parent inode, name) entries of the commit shown before that the kernel may
         still cache, which the caller must invalidate. Their nodes stay resolvable until the
@@ -100,8 +124,10 @@ class TreeFS(pyfuse3.Operations):
             dotgit=f"gitdir: {git_dir}\n".encode(),
             mtime_ns=commit.commit_time * 1_000_000_000,
             hydrator=hydrator,
+            layers=Layers(repo, str(commit.tree_id), self.overlay),
         )
-        root = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, b"", Kind.DIR, str(commit.tree_id), snap)
+        root = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, b"", Kind.DIR, str(commit.tree_id), snap,
+                    over=self.overlay.entry(b""))  # fmt: skip
         dotgit = Node(DOTGIT_INODE, pyfuse3.ROOT_INODE, b".git", Kind.DOTGIT, None, snap)
         stale: list[tuple[int, bytes]] = []
         for fixed in (root, dotgit):  # the same inodes, shown anew: the kernel's count carries over
@@ -125,7 +151,7 @@ class TreeFS(pyfuse3.Operations):
 
     def _snap(self) -> Snapshot:
         if self.snapshot is None:  # gate open without a snapshot cannot happen; be loud if it does
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise fuse_error(errno.EIO)
         return self.snapshot
 
     def _node(self, inode: int) -> Node:
@@ -133,49 +159,58 @@ class TreeFS(pyfuse3.Operations):
         try:
             return self.nodes[inode]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+            raise fuse_error(errno.ENOENT) from None
 
-    def _entries(self, node: Node) -> dict[bytes, Entry]:
-        """A directory's entries by name, in name order, read from its git tree on first use."""
+    def _path(self, node: Node) -> bytes:
+        """The node's path from the root, as it stands now (renames of a directory above move it)."""
+        names = []
+        while node.inode != pyfuse3.ROOT_INODE:
+            names.append(node.name)
+            node = self.nodes[node.parent]
+        return b"/".join(reversed(names))
+
+    def _listing(self, node: Node) -> dict[bytes, Shown]:
+        """A directory's entries by name: its base tree's under the overlay's, read on first use
+        and kept up to date by every change made through the mount."""
         if node.entries is not None:
             return node.entries
-        entries: dict[bytes, Entry] = {}
+        entries: dict[bytes, Shown] = {}
         if node.kind is Kind.DIR:
-            tree = node.snap.repo.get(node.oid)
-            if not isinstance(tree, pygit2.Tree):
+            here = Shown(self._path(node), Kind.DIR, node.oid, node.over)
+            entries = node.snap.layers.listing(here)
+            if node.oid is not None and not isinstance(node.snap.repo.get(node.oid), pygit2.Tree):
                 raise ObjectMissing(f"tree {node.oid} is missing from the local git directory")
-            for entry in tree:
-                kind = GIT_MODE_KINDS.get(entry.filemode)
-                if kind is not None:
-                    name = entry.raw_name if hasattr(entry, "raw_name") else entry.name.encode()
-                    entries[name] = (kind, str(entry.id))
         if node.inode == pyfuse3.ROOT_INODE:
-            entries[b".git"] = (Kind.DOTGIT, None)
-        node.entries = dict(sorted(entries.items()))
-        return node.entries
+            entries[b".git"] = Shown(b".git", Kind.DOTGIT, None, None)
+        node.entries = entries
+        return entries
 
     def _child(self, parent: Node, name: bytes) -> Node | None:
         """The node of entry `name` of directory `parent`, made on first use; None if no such entry."""
         inode = parent.children.get(name)
         if inode is not None and inode in self.nodes:
             return self.nodes[inode]
-        entry = self._entries(parent).get(name)
-        if entry is None:
+        shown = self._listing(parent).get(name)
+        if shown is None:
             return None
-        kind, oid = entry
-        if kind is Kind.DOTGIT:
+        if shown.kind is Kind.DOTGIT:
             return self.nodes[DOTGIT_INODE]
+        return self._new_node(parent, name, shown.kind, shown.oid, shown.entry)
+
+    def _new_node(self, parent: Node, name: bytes, kind: Kind, oid: str | None, over: OverlayEntry | None) -> Node:
         inode = self.next_inode
         self.next_inode += 1
-        node = self.nodes[inode] = Node(inode, parent.inode, name, kind, oid, parent.snap)
+        node = self.nodes[inode] = Node(inode, parent.inode, name, kind, oid, parent.snap, over=over)
         parent.children[name] = inode
         return node
 
     def _drop_if_unused(self, node: Node) -> None:
-        """Forget a node of a commit no longer shown once neither the kernel nor a handle uses it.
-        Nodes of the commit shown stay: their inode numbers must not change while it is (git's
-        index records them, and a changed one makes git status read the file again)."""
-        if node.snap is self.snapshot or node.lookups > 0 or node.handles > 0 or node.inode in FIXED_INODES:
+        """Forget a node of a commit no longer shown, or removed, once neither the kernel nor a
+        handle uses it. Other nodes of the commit shown stay: their inode numbers must not change
+        while it is (git's index records them, and a changed one makes git status read the file
+        again)."""
+        current = node.snap is self.snapshot and not node.unlinked
+        if current or node.lookups > 0 or node.handles > 0 or node.inode in FIXED_INODES:
             return
         if self.nodes.get(node.inode) is node:
             del self.nodes[node.inode]
@@ -188,33 +223,81 @@ class TreeFS(pyfuse3.Operations):
         for node in nodes:
             self._drop_if_unused(node)
 
-    def _open_handle(self, node: Node) -> int:
+    def _open_handle(self, node: Node, *, writable: bool = False, append: bool = False) -> int:
         fh = self.next_handle
         self.next_handle += 1
-        self.handles[fh] = Handle(node)
+        handle = self.handles[fh] = Handle(node, writable=writable, append=append)
         node.handles += 1
+        if node.data is not None:
+            self._fd(handle)  # holds the content file: it outlives an unlink of its path
         return fh
 
     def _handle(self, fh: int) -> Handle:
         try:
             return self.handles[fh]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
+            raise fuse_error(errno.EBADF) from None
 
     def _close_handle(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if handle is not None:
-            handle.node.handles -= 1
-            self._drop_if_unused(handle.node)
+        if handle is None:
+            return
+        node = handle.node
+        try:
+            self._save_mtime(node)
+        finally:
+            self._release_fd(handle)
+            node.handles -= 1
+            self._drop_if_unused(node)
+
+    def _fd(self, handle: Handle) -> int:
+        """A descriptor on the node's content file (reopened if the file was copied up since)."""
+        data = handle.node.data
+        if data is None:
+            raise ObjectMissing(f"{self.fsname}: no content file for inode {handle.node.inode}")
+        if handle.fd is None or handle.data != data:
+            self._release_fd(handle)
+            handle.fd = os.open(self.overlay.data_path(data), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            handle.data = data
+            self.held[data] += 1
+        return handle.fd
+
+    def _release_fd(self, handle: Handle) -> None:
+        if handle.fd is None or handle.data is None:
+            return
+        os.close(handle.fd)
+        data, handle.fd, handle.data = handle.data, None, None
+        self.held[data] -= 1
+        if self.held[data] <= 0:
+            del self.held[data]
+            if data in self.doomed:
+                self.doomed.discard(data)
+                self.overlay.free(data)
+
+    def _free(self, freed: list[int]) -> None:
+        """Content files no entry refers to: deleted now, or at the last close of a handle on them."""
+        for data in freed:
+            if self.held.get(data):
+                self.doomed.add(data)
+            else:
+                self.overlay.free(data)
 
     # --- contents ---
+
+    def _data_size(self, data: int) -> int:
+        return os.stat(self.overlay.data_path(data)).st_size
 
     def _known_size(self, node: Node) -> int | None:
         if node.kind is Kind.DOTGIT:
             return len(node.snap.dotgit)
         if node.is_dir:
             return 4096
-        assert node.oid is not None
+        if node.data is not None:
+            return self._data_size(node.data)
+        if node.over is not None and node.over.target is not None:
+            return len(node.over.target)
+        if node.oid is None:
+            return 0
         size = self.sizes.get(node.oid)
         if size is None and node.snap.hydrator.is_present(node.oid):
             size = self.sizes[node.oid] = self._object(node.snap, node.oid).size
@@ -225,7 +308,11 @@ class TreeFS(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
-        attr.st_mode = KIND_MODES[node.kind]
+        over = node.over
+        if over is not None and over.kind in TYPE_BITS and node.kind is not Kind.LINK:
+            attr.st_mode = TYPE_BITS[over.kind] | over.mode
+        else:
+            attr.st_mode = KIND_MODES[node.kind]
         attr.st_nlink = 1  # "unknown" to find/fts, which then read directories instead of guessing
         attr.st_uid = self.uid
         attr.st_gid = self.gid
@@ -233,7 +320,8 @@ class TreeFS(pyfuse3.Operations):
         attr.st_size = size or 0
         attr.st_blksize = 4096
         attr.st_blocks = (attr.st_size + 511) // 512
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.snap.mtime_ns
+        mtime = node.mtime_ns or (over.mtime_ns if over is not None else node.snap.mtime_ns)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         attr.entry_timeout = CACHE_SECONDS
         # An unhydrated blob's size is unknown: a timeout of 0 makes the kernel ask (getattr)
         # before it relies on it, and that is when the blob is fetched.
@@ -247,24 +335,25 @@ class TreeFS(pyfuse3.Operations):
         listed, or a second of its files is needed (git status, a build, grep walking it), the
         rest of the directory comes along in the same batch."""
         hydrator = node.snap.hydrator
-        if not node.is_blob or node.oid is None or hydrator.is_present(node.oid):
+        if not node.is_blob or node.oid is None or node.data is not None or hydrator.is_present(node.oid):
             return
         wanted = [node.oid]
         parent = self.nodes.get(node.parent)
         # A reader of a blob that is already on its way is not a second miss: it just waits.
         if parent is not None and parent.snap is node.snap and not hydrator.is_pending(node.oid):
             if (parent.listed or parent.misses > 0) and parent.entries:
-                for kind, oid in parent.entries.values():
+                for shown in parent.entries.values():
                     if len(wanted) >= SIBLING_BATCH_LIMIT:
                         break
-                    if kind in BLOB_KINDS and oid is not None and oid != node.oid and not hydrator.is_present(oid):
+                    oid = shown.oid
+                    if shown.kind in BLOB_KINDS and oid is not None and oid != node.oid and not hydrator.is_present(oid):
                         wanted.append(oid)
             parent.misses += 1
         try:
             await hydrator.ensure(dict.fromkeys(wanted), caller_tid)
         except BlobFetchFailed as exc:
             log.error("%s: %s", self.fsname, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise fuse_error(errno.EIO) from None
 
     @staticmethod
     def _object(snap: Snapshot, oid: str) -> pygit2.Object:
@@ -285,15 +374,126 @@ class TreeFS(pyfuse3.Operations):
             self._blob_cache.move_to_end(node.oid)
         return data
 
+    # --- changes: every one recorded in the overlay before the operation returns ---
+
+    def _entry_of(self, node: Node, path: bytes) -> OverlayEntry:
+        """The overlay record of what `node` shows now, at `path`: its own, or one naming its base
+        object by reference (nothing is read or copied)."""
+        mtime = node.mtime_ns
+        if node.over is not None:
+            entry = replace(node.over, path=path)
+            return replace(entry, mtime_ns=mtime) if mtime else entry
+        mtime = mtime or node.snap.mtime_ns
+        if node.kind is Kind.DIR:
+            return OverlayEntry(path, EntryKind.DIR, 0o755, mtime)  # its base: the parent's, by name
+        if node.kind is Kind.LINK:
+            return OverlayEntry(path, EntryKind.LINK, 0o777, mtime, base_oid=node.oid)
+        if node.kind in (Kind.FILE, Kind.EXEC):
+            return OverlayEntry(path, EntryKind.FILE, KIND_MODES[node.kind] & 0o777, mtime, base_oid=node.oid)
+        raise fuse_error(errno.EPERM)  # .git and submodules are not ours to change
+
+    def _record(self, node: Node, entry: OverlayEntry) -> None:
+        """Save `entry` as the node's record, and show it."""
+        self.overlay.put(entry)
+        self._shows(node, entry)
+
+    def _shows(self, node: Node, entry: OverlayEntry) -> None:
+        node.over = entry
+        node.mtime_ns = None
+        if entry.kind is EntryKind.FILE:
+            node.kind = overlay_kind(entry)  # the executable bit
+            node.oid = entry.base_oid
+        parent = self.nodes.get(node.parent)
+        if parent is not None and parent.entries is not None and not node.unlinked:
+            parent.entries[node.name] = Shown(entry.path, node.kind, node.oid, entry)
+
+    def _save_mtime(self, node: Node) -> None:
+        """Save the time of the last write (kept in memory while writes go on)."""
+        if node.mtime_ns is not None and not node.unlinked and node.over is not None:
+            self._record(node, self._entry_of(node, self._path(node)))
+
+    async def _copy_up(self, node: Node, *, keep: bool, caller_tid: int | None) -> None:
+        """Give a file a content file of its own, filled with its content if `keep` (hydrating it)."""
+        if node.data is not None:
+            return
+        if node.is_dir:
+            raise fuse_error(errno.EISDIR)
+        if node.kind not in (Kind.FILE, Kind.EXEC):
+            raise fuse_error(errno.EPERM)
+        content = b""
+        if keep and node.oid is not None:
+            await self._hydrate(node, caller_tid)
+            content = self._blob(node)
+        data = self.overlay.new_data()
+        try:
+            with open(self.overlay.data_path(data), "wb") as fh:
+                fh.write(content)
+            self._record(node, replace(self._entry_of(node, self._path(node)), data=data, base_oid=None))
+        except BaseException:
+            self.overlay.free(data)
+            raise
+
+    def _in_base(self, parent: Node, name: bytes) -> bool:
+        """Whether the base tree behind directory `parent` has `name` (a removal must hide it)."""
+        return parent.snap.layers.base_child(parent.oid if parent.kind is Kind.DIR else None, name) is not None
+
+    def _detach(self, parent: Node, name: bytes, node: Node) -> None:
+        """`name` no longer shows `node`: it lives on only for the kernel and open handles."""
+        if parent.children.get(name) == node.inode:
+            del parent.children[name]
+        if parent.entries is not None:
+            parent.entries.pop(name, None)
+        node.unlinked = True
+        self._drop_if_unused(node)
+
+    def _attach(self, parent: Node, name: bytes, node: Node, entry: OverlayEntry) -> None:
+        parent.children[name] = node.inode
+        if parent.entries is not None:
+            parent.entries[name] = Shown(entry.path, node.kind, node.oid, entry)
+
+    def _directory(self, inode: int) -> Node:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise fuse_error(errno.ENOTDIR)
+        return node
+
+    def _new_name(self, parent: Node, name: bytes) -> bytes:
+        """The path a new entry `name` of `parent` gets; EEXIST if it is taken."""
+        self._check_name(parent, name)
+        if self._child(parent, name) is not None:
+            raise fuse_error(errno.EEXIST)
+        path = self._path(parent)
+        return path + b"/" + name if path else name
+
+    @staticmethod
+    def _check_name(parent: Node, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise fuse_error(errno.ENAMETOOLONG)
+        if parent.inode == pyfuse3.ROOT_INODE and name == b".git":
+            raise fuse_error(errno.EPERM)  # git's own: it points at the repository
+        if parent.kind is Kind.GITLINK:
+            raise fuse_error(errno.EPERM)  # a submodule's place, not a directory of ours
+
+    def _made(self, parent: Node, name: bytes, entry: OverlayEntry) -> Node:
+        """Record a new entry and make its node, counted as looked up (it goes to the kernel)."""
+        self.overlay.put(entry)
+        kind = overlay_kind(entry)
+        node = self._new_node(parent, name, kind, None, entry)
+        if kind is Kind.DIR:
+            node.entries = {}
+        self._attach(parent, name, node, entry)
+        return node
+
     # --- kernel operations: never gated ---
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """The overlay's file system: what can still be written here is what it has free."""
+        free = os.statvfs(self.overlay.root)
         sfs = pyfuse3.StatvfsData()
-        sfs.f_bsize = sfs.f_frsize = 4096
-        sfs.f_blocks = sfs.f_bfree = sfs.f_bavail = 0
-        sfs.f_files = len(self.nodes)  # the inodes this mount holds now
-        sfs.f_ffree = sfs.f_favail = 0
-        sfs.f_namemax = 255
+        sfs.f_bsize, sfs.f_frsize = free.f_bsize, free.f_frsize
+        sfs.f_blocks, sfs.f_bfree, sfs.f_bavail = free.f_blocks, free.f_bfree, free.f_bavail
+        sfs.f_files, sfs.f_ffree, sfs.f_favail = free.f_files, free.f_ffree, free.f_favail
+        sfs.f_namemax = NAME_MAX
         return sfs
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -312,27 +512,59 @@ class TreeFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handle(fh)
+        if handle.fd is not None:
+            os.fsync(handle.fd)
+        self._save_mtime(handle.node)
+        self.overlay.sync()
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.overlay.sync()
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         node = handle.node
         if node.kind is Kind.DOTGIT:
             return node.snap.dotgit[off : off + size]
+        if node.data is not None:
+            return os.pread(self._fd(handle), size, off)
         # pyfuse3 does not say who reads: the opener's thread may not be the reader (another
         # thread, a child after fork), and its signals must not fail someone else's read. open
         # hydrated the blob already; a read that must fetch waits until the fetch deadline.
         await self._hydrate(node, None)
         return self._blob(node)[off : off + size]
 
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise fuse_error(errno.EBADF)
+        node = handle.node
+        fd = self._fd(handle)
+        if handle.append:
+            off = os.fstat(fd).st_size
+        written = os.pwrite(fd, buf, off)
+        node.mtime_ns = time.time_ns()
+        if not node.unlinked:
+            self.overlay.touch(self._path(node))
+        return written
+
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node = self._handle(fh).node
+        handle = self._handle(fh)
+        node = handle.node
         node.listed = True
-        names = list(self._entries(node))
+        # The names as they stood when the listing began: removals while it goes on (rm -r)
+        # must not shift the offsets the kernel resumes from.
+        if handle.names is None or start_id == 0:
+            handle.names = sorted(self._listing(node))
+        names = handle.names
         made: list[Node] = []
         accepted = 0
         try:
             for index in range(start_id, len(names)):
                 child = self._child(node, names[index])
-                assert child is not None
+                if child is None:
+                    continue  # removed since the listing began
                 made.append(child)
                 if not pyfuse3.readdir_reply(token, names[index], self._attr(child), index + 1):
                     break
@@ -363,11 +595,11 @@ class TreeFS(pyfuse3.Operations):
         elif name == b"..":
             node = self._node(parent.parent)
         elif not parent.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise fuse_error(errno.ENOTDIR)
         else:
             node = self._child(parent, name)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise fuse_error(errno.ENOENT)
         try:
             attr = self._attr(node)
         except BaseException:
@@ -378,16 +610,15 @@ class TreeFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         await self.gate.wait(ctx.pid)
-        node = self._node(inode)
-        if not node.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return self._open_handle(node)
+        return self._open_handle(self._directory(inode))
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         await self.gate.wait(ctx.pid)
         node = self._node(inode)
         if node.kind is not Kind.LINK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise fuse_error(errno.EINVAL)
+        if node.over is not None and node.over.target is not None:
+            return node.over.target
         await self._hydrate(node, ctx.pid)
         return self._blob(node)
 
@@ -395,66 +626,195 @@ class TreeFS(pyfuse3.Operations):
         await self.gate.wait(ctx.pid)
         node = self._node(inode)
         if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        await self._hydrate(node, ctx.pid)
-        return pyfuse3.FileInfo(fh=self._open_handle(node), keep_cache=True)
+            raise fuse_error(errno.EISDIR)
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        truncate = bool(flags & os.O_TRUNC) and writable
+        if node.kind is Kind.DOTGIT and (writable or truncate):
+            raise fuse_error(errno.EPERM)
+        if writable:
+            await self._copy_up(node, keep=not truncate, caller_tid=ctx.pid)
+            if truncate and self._data_size(node.data) > 0:  # type: ignore[arg-type]
+                os.truncate(self.overlay.data_path(node.data), 0)  # type: ignore[arg-type]
+                self._changed(node)
+        else:
+            await self._hydrate(node, ctx.pid)
+        fh = self._open_handle(node, writable=writable, append=bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not truncate)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self.gate.wait(ctx.pid)
+        node = self._make_file(self._directory(parent_inode), name, mode)
+        fh = self._open_handle(node, writable=flags & os.O_ACCMODE != os.O_RDONLY, append=bool(flags & os.O_APPEND))
+        attr = self._attr(node)
+        node.lookups += 1
+        return pyfuse3.FileInfo(fh=fh), attr
+
+    def _make_file(self, parent: Node, name: bytes, mode: int) -> Node:
+        path = self._new_name(parent, name)
+        data = self.overlay.new_data()
+        try:
+            return self._made(parent, name, OverlayEntry(path, EntryKind.FILE, mode & 0o7777, time.time_ns(), data=data))
+        except BaseException:
+            self.overlay.free(data)
+            raise
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self.gate.wait(ctx.pid)
+        if not stat.S_ISREG(mode):
+            raise fuse_error(errno.EPERM)  # a working tree holds files, directories and links
+        node = self._make_file(self._directory(parent_inode), name, mode)
+        node.lookups += 1
+        return self._attr(node)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self.gate.wait(ctx.pid)
+        parent = self._directory(parent_inode)
+        path = self._new_name(parent, name)
+        # Opaque: a base directory removed from this path earlier must not show through.
+        node = self._made(parent, name, OverlayEntry(path, EntryKind.DIR, mode & 0o7777, time.time_ns(), opaque=True))
+        node.lookups += 1
+        return self._attr(node)
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self.gate.wait(ctx.pid)
+        parent = self._directory(parent_inode)
+        path = self._new_name(parent, name)
+        node = self._made(parent, name, OverlayEntry(path, EntryKind.LINK, 0o777, time.time_ns(), target=target))
+        node.lookups += 1
+        return self._attr(node)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.gate.wait(ctx.pid)
+        parent = self._directory(parent_inode)
+        node = self._existing(parent, name)
+        if node.is_dir:
+            raise fuse_error(errno.EISDIR)
+        self._remove(parent, name, node)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.gate.wait(ctx.pid)
+        parent = self._directory(parent_inode)
+        node = self._existing(parent, name)
+        if not node.is_dir:
+            raise fuse_error(errno.ENOTDIR)
+        if self._listing(node):
+            raise fuse_error(errno.ENOTEMPTY)
+        self._remove(parent, name, node)
+
+    def _existing(self, parent: Node, name: bytes) -> Node:
+        self._check_name(parent, name)
+        node = self._child(parent, name)
+        if node is None:
+            raise fuse_error(errno.ENOENT)
+        return node
+
+    def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        path = self._path(node)
+        self._free(self.overlay.remove(path, in_base=self._in_base(parent, name), mtime_ns=time.time_ns()))
+        self._detach(parent, name, node)
+
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:  # fmt: skip
+        await self.gate.wait(ctx.pid)
+        if flags & RENAME_EXCHANGE or flags & ~RENAME_NOREPLACE:
+            raise fuse_error(errno.EINVAL)  # an exchange cannot be recorded as one overlay change
+        old_parent, new_parent = self._directory(parent_inode_old), self._directory(parent_inode_new)
+        node = self._existing(old_parent, name_old)
+        self._check_name(new_parent, name_new)
+        target = self._child(new_parent, name_new)
+        if target is node:
+            return
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise fuse_error(errno.EEXIST)
+            if node.is_dir and not target.is_dir:
+                raise fuse_error(errno.ENOTDIR)
+            if target.is_dir and not node.is_dir:
+                raise fuse_error(errno.EISDIR)
+            if target.is_dir and self._listing(target):
+                raise fuse_error(errno.ENOTEMPTY)
+        new_dir_path = self._path(new_parent)
+        new_path = new_dir_path + b"/" + name_new if new_dir_path else name_new
+        moved = self._entry_of(node, new_path)
+        if moved.kind is EntryKind.DIR and moved.base_tree is None and not moved.opaque:
+            # Its base was the one at its old place: carry it along, or the base at the new
+            # place would show through.
+            moved = replace(moved, base_tree=node.oid, opaque=node.oid is None)
+        freed = self.overlay.rename(self._path(node), new_path, moved=moved,
+                                    old_in_base=self._in_base(old_parent, name_old), mtime_ns=time.time_ns())  # fmt: skip
+        if target is not None:
+            self._detach(new_parent, name_new, target)
+        self._free(freed)
+        if old_parent.children.get(name_old) == node.inode:
+            del old_parent.children[name_old]
+        if old_parent.entries is not None:
+            old_parent.entries.pop(name_old, None)
+        node.parent, node.name = new_parent.inode, name_new
+        node.over, node.mtime_ns = moved, None
+        self._attach(new_parent, name_new, node, moved)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.gate.wait(ctx.pid)
+        raise fuse_error(errno.EPERM)  # git has no hard links: the overlay records none
+
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        await self.gate.wait(ctx.pid)
+        node = self._node(inode)
+        if (fields.update_uid and attr.st_uid != self.uid) or (fields.update_gid and attr.st_gid != self.gid):
+            raise fuse_error(errno.EPERM)  # every file here is the mount owner's
+        if not (fields.update_size or fields.update_mode or fields.update_mtime):
+            return self._attr(node)  # atime, ctime and an unchanged owner are not kept
+        if node.kind is Kind.DOTGIT:
+            raise fuse_error(errno.EPERM)
+        if fields.update_size:
+            await self._copy_up(node, keep=attr.st_size > 0, caller_tid=ctx.pid)
+            os.truncate(self.overlay.data_path(node.data), attr.st_size)  # type: ignore[arg-type]
+            node.mtime_ns = time.time_ns()
+        entry = self._entry_of(node, self._path(node))
+        if fields.update_mode and node.kind is not Kind.LINK:
+            entry = replace(entry, mode=attr.st_mode & 0o7777)
+        if fields.update_mtime:
+            entry = replace(entry, mtime_ns=attr.st_mtime_ns)
+        self._record(node, entry)
+        return self._attr(node)
+
+    def _changed(self, node: Node) -> None:
+        node.mtime_ns = time.time_ns()
+        if not node.unlinked:
+            self.overlay.touch(self._path(node))
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> None:
-        await self.gate.wait(ctx.pid)
-        if mode & os.W_OK:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        await self.gate.wait(ctx.pid)  # default_permissions: the kernel checks the modes
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         await self.gate.wait(ctx.pid)
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        if inode == pyfuse3.ROOT_INODE and self.fsmonitor.asks(name):
+            snap = self._snap()
+            return self.fsmonitor.page(name, snap.repo, str(snap.commit.id))
+        raise fuse_error(errno.ENODATA)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         await self.gate.wait(ctx.pid)
         return []
 
-    # --- writes: this layer is read-only ---
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.gate.wait(ctx.pid)
+        raise fuse_error(errno.ENOTSUP)  # git records no extended attributes
 
-    async def _read_only(self, ctx: pyfuse3.RequestContext | None = None) -> None:
-        await self.gate.wait(ctx.pid if ctx is not None else None)
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def mkdir(self, parent_inode, name, mode, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def unlink(self, parent_inode, name, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def rmdir(self, parent_inode, name, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def symlink(self, parent_inode, name, target, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def create(self, parent_inode, name, mode, flags, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
-        await self._read_only()
-
-    async def setxattr(self, inode, name, value, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
-
-    async def removexattr(self, inode, name, ctx):  # type: ignore[no-untyped-def]
-        await self._read_only(ctx)
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.gate.wait(ctx.pid)
+        raise fuse_error(errno.ENOTSUP)
 
     # --- the placeholder ---
 

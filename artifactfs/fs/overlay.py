@@ -11,10 +11,16 @@ An entry records one path's state in the overlay:
 - a symbolic link;
 - a whiteout: the path exists in the base and was removed.
 
-Metadata lives in a SQLite database whose every committed transaction is durable (synchronous
-FULL), so a crash of the mount process loses no change it acknowledged; content files are plain
-files fsync'd when the caller fsyncs. Content files are named by id, not by path, so a rename
-moves no data and an open handle keeps its content after its path is renamed or unlinked.
+Metadata lives in a SQLite database (write-ahead log): a committed change is in the operating
+system's hands before the operation returns, so a crash of the mount process loses nothing it
+acknowledged, and `sync` (on the caller's fsync) makes it safe from a crash of the machine too.
+Content files are plain files under data/, written in place. They are named by id, not by path,
+so a rename moves no data and an open handle keeps its content after its path is renamed or
+unlinked.
+
+Every change is numbered (a sequence that only grows) and the last number of every path changed
+is kept, so that git's fsmonitor hook can be told exactly which paths changed since it last
+asked (fsmonitor.py). Content writes, which change no metadata, are numbered in memory (`touch`).
 
 Paths are relative, as bytes, without a leading slash (b"src/app.py"); b"" is the root.
 """
@@ -23,9 +29,10 @@ from __future__ import annotations
 import enum
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SCHEMA = """
@@ -43,6 +50,9 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (path BLOB PRIMARY KEY, seq INTEGER NOT NULL, dir INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS changes_seq ON changes(seq);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -70,6 +80,14 @@ class OverlayEntry:
         return self.path.rsplit(b"/", 1)[-1]
 
 
+@dataclass(frozen=True)
+class Change:
+    """A path changed since some point: a directory change covers everything under it."""
+
+    path: bytes
+    directory: bool
+
+
 def parent_of(path: bytes) -> bytes:
     return path.rsplit(b"/", 1)[0] if b"/" in path else b""
 
@@ -89,11 +107,35 @@ class Overlay:
         self.conn = sqlite3.connect(root / "meta.db", isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")  # a committed change survives a crash
+        # In WAL mode a commit is written (not synced) before it returns: a crash of this process
+        # loses nothing; sync() checkpoints, for the caller's fsync.
+        self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(SCHEMA)
+        with self._tx() as tx:
+            tx.execute("INSERT OR IGNORE INTO meta(name, value) VALUES ('id', ?)", (uuid.uuid4().hex,))
+        self.id: str = self.conn.execute("SELECT value FROM meta WHERE name = 'id'").fetchone()[0]
+        self.seq: int = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        self.touched: dict[bytes, int] = {}  # content writes of this process: path -> seq
+        self.collect_garbage()
 
     def close(self) -> None:
         self.conn.close()
+
+    def sync(self) -> None:
+        """Make every committed change durable against a crash of the machine."""
+        self.conn.execute("PRAGMA wal_checkpoint(FULL)")
+
+    def collect_garbage(self) -> list[int]:
+        """Delete content files no entry refers to (a crash between making one and recording it,
+        or between a removal and the last close of a handle on it). Only at open: nothing is
+        open yet."""
+        referenced = {row[0] for row in self.conn.execute("SELECT data FROM entries WHERE data IS NOT NULL")}
+        freed = []
+        for item in self.data_root.iterdir():
+            if item.name.isdigit() and int(item.name) not in referenced:
+                item.unlink(missing_ok=True)
+                freed.append(int(item.name))
+        return freed
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -120,8 +162,34 @@ class Overlay:
         """Every path the overlay holds: the only paths whose state may differ from the base."""
         return [row[0] for row in self.conn.execute("SELECT path FROM entries ORDER BY path")]
 
+    def entries_by_kind(self) -> list[tuple[bytes, EntryKind]]:
+        """Every path the overlay holds, with its kind."""
+        return [(row[0], EntryKind(row[1])) for row in self.conn.execute("SELECT path, kind FROM entries ORDER BY path")]
+
     def data_path(self, data: int) -> Path:
         return self.data_root / str(data)
+
+    def changes_since(self, seq: int) -> list[Change]:
+        """Every path changed after change number `seq`, content writes of this process included."""
+        rows = self.conn.execute("SELECT path, dir FROM changes WHERE seq > ?", (seq,))
+        found = {path: bool(directory) for path, directory in rows}
+        for path, at in self.touched.items():
+            if at > seq:
+                found.setdefault(path, False)
+        return [Change(path, directory) for path, directory in sorted(found.items())]
+
+    def touch(self, path: bytes) -> None:
+        """Number a content write to `path` (kept in memory: a write changes no metadata)."""
+        self.seq += 1
+        self.touched[path] = self.seq
+
+    def _changed(self, tx: sqlite3.Connection, path: bytes, *, directory: bool = False) -> None:
+        self.seq += 1
+        tx.execute(
+            "INSERT INTO changes(path, seq, dir) VALUES (?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET seq = excluded.seq, dir = MAX(dir, excluded.dir)",
+            (path, self.seq, int(directory)),
+        )
 
     # --- writing ---
 
@@ -141,6 +209,7 @@ class Overlay:
         """Record `entry`, replacing what the overlay held at its path."""
         with self._tx() as tx:
             _put(tx, entry)
+            self._changed(tx, entry.path)
 
     def remove(self, path: bytes, *, in_base: bool, mtime_ns: int) -> list[int]:
         """Remove `path` (and all under it): a whiteout if the base has it, nothing otherwise.
@@ -150,15 +219,17 @@ class Overlay:
             freed = _delete_tree(tx, path)
             if in_base:
                 _put(tx, OverlayEntry(path, EntryKind.WHITEOUT, 0, mtime_ns))
+            self._changed(tx, path, directory=True)
         return freed
 
-    def rename(self, old: bytes, new: bytes, *, moved: OverlayEntry | None, old_in_base: bool, mtime_ns: int) -> list[int]:
+    def rename(self, old: bytes, new: bytes, *, moved: OverlayEntry, old_in_base: bool, mtime_ns: int) -> list[int]:
         """Move `old` (and every entry under it) to `new`, replacing what stood there.
 
-        `moved` is the entry to record at `new` when `old` has none of its own in the overlay (a
-        base file or directory: it is recorded by reference, base_oid or base_tree, and nothing
-        is copied). The old path gets a whiteout if the base has it. Returns the content files
-        freed by what the rename replaced."""
+        `moved` is the entry to record at `new`, made by the caller from what `old` shows: a
+        base file or directory is recorded by reference (base_oid or base_tree) and nothing is
+        copied; a directory must carry its base tree or be opaque, or the base at `new` would
+        show through it. The old path gets a whiteout if the base has it. Returns the content
+        files freed by what the rename replaced."""
         with self._tx() as tx:
             freed = _delete_tree(tx, new)
             lo, hi = _under(old)
@@ -168,14 +239,12 @@ class Overlay:
                 "parent = CAST(? || substr(parent, ?) AS BLOB) WHERE path >= ? AND path < ?",
                 (new, len(old) + 1, new, len(old) + 1, lo, hi),
             )
-            current = tx.execute("SELECT * FROM entries WHERE path = ?", (old,)).fetchone()
             tx.execute("DELETE FROM entries WHERE path = ?", (old,))
-            entry = _entry(current) if current is not None and current["kind"] != EntryKind.WHITEOUT.value else moved
-            if entry is None:
-                raise FileNotFoundError(old.decode(errors="replace"))
-            _put(tx, _moved(entry, new))
+            _put(tx, replace(moved, path=new))
             if old_in_base:
                 _put(tx, OverlayEntry(old, EntryKind.WHITEOUT, 0, mtime_ns))
+            self._changed(tx, old, directory=True)
+            self._changed(tx, new, directory=True)
         return freed
 
     def unreferenced(self, data: int) -> bool:
@@ -190,11 +259,6 @@ class Overlay:
 def _entry(row: sqlite3.Row | tuple) -> OverlayEntry:  # type: ignore[type-arg]
     path, _parent, kind, mode, mtime_ns, data, base_oid, base_tree, target, opaque = tuple(row)
     return OverlayEntry(path, EntryKind(kind), mode, mtime_ns, data, base_oid, base_tree, target, bool(opaque))
-
-
-def _moved(entry: OverlayEntry, path: bytes) -> OverlayEntry:
-    return OverlayEntry(path, entry.kind, entry.mode, entry.mtime_ns, entry.data, entry.base_oid,
-                        entry.base_tree, entry.target, entry.opaque)  # fmt: skip
 
 
 def _put(tx: sqlite3.Connection, entry: OverlayEntry) -> None:
