@@ -297,7 +297,10 @@ def test_git_status_inside_the_mount_fetches_nothing(afs: Artifactfs, git_daemon
     assert status.stdout == ""  # clean: the mount is the commit
     assert git_daemon.fetch_count() == 0  # and no blob was downloaded to find that out
     assert present_blobs(afs.root / "git" / "many.git") == set()
-    assert git_out("diff", "--stat", "HEAD", cwd=mnt) == ""
+    # Not `git diff HEAD`: git 2.39 leaves the stat of a monitor-valid entry unset there (fixed in
+    # git 2.43, "diff-lib: fix check_removed when fsmonitor is on"); see the README's limits.
+    assert git_out("diff", "--stat", cwd=mnt) == "" and git_out("diff", "--stat", "--cached", cwd=mnt) == ""
+    assert present_blobs(afs.root / "git" / "many.git") == set()
 
 
 def test_preparation_brings_what_git_status_reads_in_one_transaction(afs: Artifactfs, git_daemon: GitDaemon) -> None:

@@ -75,7 +75,7 @@ class Node:
     over: OverlayEntry | None = None
     entries: dict[bytes, Shown] | None = None  # a directory's merged listing, read on first use
     children: dict[bytes, int] = field(default_factory=dict)  # the nodes made so far for entries
-    listed: bool = False  # listed by readdir: its files come along when one of them is fetched
+    listed_at: float | None = None  # last listed by readdir (monotonic time): see TreeFS._hydrate
     misses: int = 0  # blobs of this directory fetched one at a time so far
     lookups: int = 0  # the kernel's lookup count: entries handed out and not forgotten yet
     handles: int = 0  # open file and directory handles on this node

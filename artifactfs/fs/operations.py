@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 300.0  # every change passes through the kernel; the gate invalidates on a new commit
 SIBLING_BATCH_LIMIT = 2000
+LISTING_FRESH_SECONDS = 2.0
 BLOB_CACHE_ENTRIES = 64
 NAME_MAX = 255
 RENAME_NOREPLACE = 1
@@ -328,20 +329,21 @@ class TreeFS(pyfuse3.Operations):
         attr.attr_timeout = CACHE_SECONDS if size is not None else 0
         return attr
 
-    async def _hydrate(self, node: Node, caller_tid: int | None) -> None:
+    async def _hydrate(self, node: Node, caller_tid: int | None, *, alone: bool = False) -> None:
         """Make a blob present, waiting on behalf of `caller_tid` (a signal to it ends the wait).
 
-        The first miss in a directory fetches that blob alone; once the directory has been
+        The first miss in a directory fetches that blob alone; once the directory has just been
         listed, or a second of its files is needed (git status, a build, grep walking it), the
-        rest of the directory comes along in the same batch."""
+        rest of the directory comes along in the same batch, unless the blob is wanted `alone`
+        (a file being edited is one file, not a walk)."""
         hydrator = node.snap.hydrator
         if not node.is_blob or node.oid is None or node.data is not None or hydrator.is_present(node.oid):
             return
         wanted = [node.oid]
         parent = self.nodes.get(node.parent)
         # A reader of a blob that is already on its way is not a second miss: it just waits.
-        if parent is not None and parent.snap is node.snap and not hydrator.is_pending(node.oid):
-            if (parent.listed or parent.misses > 0) and parent.entries:
+        if parent is not None and parent.snap is node.snap and not hydrator.is_pending(node.oid) and not alone:
+            if (self._freshly_listed(parent) or parent.misses > 0) and parent.entries:
                 for shown in parent.entries.values():
                     if len(wanted) >= SIBLING_BATCH_LIMIT:
                         break
@@ -354,6 +356,14 @@ class TreeFS(pyfuse3.Operations):
         except BlobFetchFailed as exc:
             log.error("%s: %s", self.fsname, exc)
             raise fuse_error(errno.EIO) from None
+
+    @staticmethod
+    def _freshly_listed(directory: Node) -> bool:
+        """A walk (ls -l, find, du) stats the files of a directory right after listing it; a
+        listing long past (git status walks every directory for untracked files) says nothing
+        about the next file someone opens there."""
+        listed = directory.listed_at
+        return listed is not None and time.monotonic() - listed < LISTING_FRESH_SECONDS
 
     @staticmethod
     def _object(snap: Snapshot, oid: str) -> pygit2.Object:
@@ -422,7 +432,7 @@ class TreeFS(pyfuse3.Operations):
             raise fuse_error(errno.EPERM)
         content = b""
         if keep and node.oid is not None:
-            await self._hydrate(node, caller_tid)
+            await self._hydrate(node, caller_tid, alone=True)
             content = self._blob(node)
         data = self.overlay.new_data()
         try:
@@ -552,7 +562,7 @@ class TreeFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._handle(fh)
         node = handle.node
-        node.listed = True
+        node.listed_at = time.monotonic()
         # The names as they stood when the listing began: removals while it goes on (rm -r)
         # must not shift the offsets the kernel resumes from.
         if handle.names is None or start_id == 0:

@@ -1,0 +1,171 @@
+"""git inside the mount gives what it gives in a plain clone of the same remote: each step runs in
+both, and status, diff, the resulting trees, refs and files are compared after it."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Artifactfs, new_installation
+from .gitremote import GitDaemon, SampleRepo, make_sample_repo
+from .test_mount import present_blobs
+
+# Fixed identities and dates: the same commit made in both places has the same id.
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Sandbox", "GIT_AUTHOR_EMAIL": "sandbox@example.com", "GIT_AUTHOR_DATE": "1700000000 +0000",
+    "GIT_COMMITTER_NAME": "Sandbox", "GIT_COMMITTER_EMAIL": "sandbox@example.com",
+    "GIT_COMMITTER_DATE": "1700000000 +0000",
+}  # fmt: skip
+
+
+def git(cwd: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} in {cwd} failed: {proc.stderr}")
+    return proc.stdout
+
+
+def tree_of(root: Path) -> dict[str, tuple[str, bytes]]:
+    """Every path of a work tree (without .git): its kind and content (a link's target)."""
+    found: dict[str, tuple[str, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+            filenames = [f for f in filenames if f != ".git"]
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(rel_dir / name)
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                found[rel] = ("link", os.readlink(path).encode())
+            elif stat.S_ISDIR(mode):
+                found[rel] = ("dir", b"")
+            else:
+                found[rel] = ("exec" if mode & stat.S_IXUSR else "file", path.read_bytes())
+    return found
+
+
+class Both:
+    """A mount and a plain clone of one remote, driven step by step."""
+
+    def __init__(self, mnt: Path, plain: Path) -> None:
+        self.mnt, self.plain = mnt, plain
+
+    def do(self, action: Callable[[Path], object]) -> None:
+        for root in (self.plain, self.mnt):
+            action(root)
+
+    def git(self, *args: str) -> None:
+        outputs = [git(root, *args) for root in (self.plain, self.mnt)]
+        assert outputs[0] == outputs[1], f"git {' '.join(args)}: {outputs}"
+
+    def same(self, what: str) -> None:
+        for args in (("status", "--porcelain=v1", "--untracked-files=all"), ("diff",), ("diff", "--cached"),
+                     ("rev-parse", "HEAD", "HEAD^{tree}"), ("branch", "--list", "--format=%(refname) %(objectname)"),
+                     ("stash", "list", "--format=%gs")):  # fmt: skip
+            assert git(self.mnt, *args) == git(self.plain, *args), f"after {what}: git {' '.join(args)}"
+        assert tree_of(self.mnt) == tree_of(self.plain), f"after {what}: the work trees differ"
+
+
+@pytest.fixture
+def both(tmp_path: Path, git_daemon: GitDaemon) -> Iterator[tuple[Both, Artifactfs, SampleRepo]]:
+    sample = make_sample_repo(git_daemon.base, "both")
+    afs = new_installation(tmp_path / "afs")
+    try:
+        afs.add("both", git_daemon.url("both.git"))
+        afs.start_daemon()
+        mnt = afs.wait_mounted("both")
+        plain = tmp_path / "plain"
+        subprocess.run(["git", "clone", "-q", "--no-tags", "--single-branch", "--branch", "main", git_daemon.url("both.git"),
+                        str(plain)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(["git", "-C", str(plain), "submodule", "deinit", "--all", "-q"], capture_output=True)
+        yield Both(mnt, plain), afs, sample
+    finally:
+        afs.cleanup()
+
+
+def edit(root: Path) -> None:
+    with open(root / "src/app.py", "ab") as fh:
+        fh.write(b"# edited\n")
+    (root / "new.txt").write_bytes(b"new\n")
+    (root / "empty.txt").unlink()
+    os.chmod(root / "README.md", 0o755)
+    (root / "pkg/deep").mkdir(parents=True)
+    (root / "pkg/deep/mod.py").write_bytes(b"VALUE = 1\n")
+    (root / "bin").rename(root / "tools")
+
+
+def test_status_diff_add_commit_match_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, _ = both
+    pair.same("mounting")
+    pair.do(edit)
+    pair.same("editing")
+    pair.git("add", "-A")
+    pair.same("git add -A")
+    pair.git("commit", "-q", "-m", "Edit in the sandbox")
+    pair.same("git commit")
+    pair.do(lambda root: (root / "src/app.py").write_bytes(b"print('again')\n"))
+    pair.git("commit", "-q", "-a", "-m", "Again")
+    pair.same("git commit -a")
+    pair.git("log", "--format=%H %s", "--stat")
+    pair.git("show", "HEAD~1", "--format=%H")
+    pair.git("blame", "--porcelain", "src/app.py")
+
+
+def test_branches_checkout_reset_stash_and_clean_match_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, _ = both
+    pair.git("switch", "-q", "-c", "topic")
+    pair.do(edit)
+    pair.git("add", "-A")
+    pair.git("commit", "-q", "-m", "On topic")
+    pair.same("a commit on a branch")
+    pair.git("checkout", "-q", "main")
+    pair.same("git checkout main")
+    pair.git("checkout", "-q", "HEAD~1", "--", "README.md")
+    pair.same("git checkout of one file")
+    pair.git("reset", "-q", "--hard")
+    pair.same("git reset --hard")
+    pair.do(lambda root: (root / "README.md").write_bytes(b"stash me\n"))
+    pair.do(lambda root: (root / "untracked.txt").write_bytes(b"and me\n"))
+    pair.git("stash", "push", "-q", "--include-untracked")
+    pair.same("git stash -u")
+    pair.git("stash", "pop", "-q")
+    pair.same("git stash pop")
+    pair.git("reset", "-q", "--hard", "HEAD~1")
+    pair.same("git reset --hard HEAD~1")
+    pair.do(lambda root: (root / "scratch/sub").mkdir(parents=True))
+    pair.do(lambda root: (root / "scratch/sub/x.o").write_bytes(b"\0"))
+    pair.git("clean", "-q", "-fd")
+    pair.same("git clean -fd")
+    pair.git("merge", "-q", "--no-edit", "topic")
+    pair.same("git merge")
+    pair.git("switch", "-q", "topic")
+    pair.same("git switch")
+
+
+def test_status_and_diff_of_an_untouched_mount_fetch_nothing(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, afs, _ = both
+    git_dir = afs.root / "git" / "both.git"
+    before = present_blobs(git_dir)  # what preparation fetched: what status reads (.gitmodules)
+    for _ in range(2):
+        assert git(pair.mnt, "status", "--porcelain") == ""
+        assert git(pair.mnt, "diff") == ""
+    assert present_blobs(git_dir) == before
+
+
+def test_editing_one_file_hydrates_that_blob_only(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, afs, sample = both
+    git_dir = afs.root / "git" / "both.git"
+    edited = before = present_blobs(git_dir)
+    with open(pair.mnt / "src/lib/util.py", "ab") as fh:
+        fh.write(b"# one edit\n")
+    edited = before | {sample.blob_id("src/lib/util.py")}
+    assert present_blobs(git_dir) == edited
+    assert git(pair.mnt, "status", "--porcelain") == " M src/lib/util.py\n"
+    assert git(pair.mnt, "diff", "--stat") == " src/lib/util.py | 1 +\n 1 file changed, 1 insertion(+)\n"
+    assert present_blobs(git_dir) == edited
