@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-git clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench.py $(if $(REPO),--remote $(REPO)) $(BENCH_ARGS)
+	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
+
+bench-git: setup
+	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

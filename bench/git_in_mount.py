@@ -1,0 +1,169 @@
+"""git inside a mount against a plain checkout of the same commit, on a repository shaped like a
+monorepo: 24 packages of 11 modules (src/, src/a, src/b, test/), about 5,000 small files in about
+1,300 directories, a .gitignore in every module and package, three 4 MiB binaries.
+
+Each run makes a fresh installation and a fresh full clone, then times in both: `git status`
+first after mount and second, clean and with 10 edits; `git add -A && git commit` of 100 new
+files; `git checkout` of a branch that changes 200 files. It counts the blobs each step brought
+into the mount's git directory. Medians over the runs.
+
+    make bench-git                      # or: .venv/bin/python bench/git_in_mount.py --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import bench as harness  # noqa: E402  (bench/bench.py: installations, clean-up)
+from tests.gitremote import GitDaemon, _changes, _FastImport, _init_bare, git_env  # noqa: E402
+
+NAME = harness.REPO_NAME
+PACKAGES, MODULES = 24, 11
+BIG = 4 * 1024 * 1024
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}  # fmt: skip
+
+
+def monorepo_files() -> dict[str, bytes]:
+    files: dict[str, bytes] = {"README.md": b"# monorepo\n", ".gitignore": b"*.o\n/build/\n"}
+    for p in range(PACKAGES):
+        pkg = f"packages/pkg{p:02d}"
+        files[f"{pkg}/BUILD"] = f"package(name = 'pkg{p:02d}')\n".encode()
+        files[f"{pkg}/.gitignore"] = b"dist/\n"
+        for m in range(MODULES):
+            mod = f"{pkg}/mod{m:02d}"
+            files[f"{mod}/README.md"] = f"module {m} of package {p}\n".encode() * 4
+            files[f"{mod}/.gitignore"] = b"*.pyc\n__pycache__/\n"
+            layout = {"src": 3, "src/a": 6, "src/b": 5, "test": 3}
+            for sub, count in layout.items():
+                for f in range(count):
+                    body = f"# {mod}/{sub}/file{f}.py\n".encode() + b"VALUE = %d\n" % (p * 1000 + m * 10 + f)
+                    files[f"{mod}/{sub}/file{f}.py"] = body * (1 + (f * 7 + m) % 20)
+    for i in range(3):
+        files[f"assets/blob{i}.bin"] = bytes((i * 31 + j) % 251 for j in range(256)) * (BIG // 256)
+    return files
+
+
+def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
+    served = base / "served"
+    bare = served / f"{NAME}.git"
+    _init_bare(bare)
+    files = monorepo_files()
+    fi = _FastImport()
+    first = fi.commit("refs/heads/main", "monorepo\n", 1_700_000_000, None, _changes(files))
+    changed = sorted(p for p in files if p.endswith("file0.py"))[:200]
+    fi.commit("refs/heads/other", "change 200 files\n", 1_700_000_100, first,
+              _changes({p: files[p] + b"# other branch\n" for p in changed}))  # fmt: skip
+    fi.run(bare)
+    daemon = GitDaemon(served, state_dir=base / "gitdaemon")
+    daemon.start()
+    return daemon, files
+
+
+def git(cwd: Path, *args: str) -> None:
+    env = {**git_env(), **GIT_ENV}
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def blobs(git_dir: Path) -> int:
+    out = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "--batch-all-objects", "--batch-check=%(objecttype)"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return out.split().count("blob")
+
+
+def steps(files: dict[str, bytes]) -> list[tuple[str, Callable[[Path], None]]]:
+    edited = [p for p in files if p.endswith("file1.py")][:: max(1, len(files) // 400)][:10]
+
+    def edit(root: Path) -> None:
+        for path in edited:
+            with open(root / path, "ab") as fh:
+                fh.write(b"# edited\n")
+
+    def commit_new(root: Path) -> None:
+        new = root / "packages/pkg00/generated"
+        new.mkdir()
+        for i in range(100):
+            (new / f"gen{i:03d}.py").write_bytes(b"GENERATED = %d\n" % i)
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "100 new files")
+
+    return [
+        ("git status, first after mount", lambda root: git(root, "status", "--porcelain")),
+        ("git status, second", lambda root: git(root, "status", "--porcelain")),
+        ("10 edits (appends)", edit),
+        ("git status with 10 edits, first", lambda root: git(root, "status", "--porcelain")),
+        ("git status with 10 edits, second", lambda root: git(root, "status", "--porcelain")),
+        ("git add -A && git commit, 100 new files", commit_new),
+        ("git checkout of a branch changing 200 files", lambda root: git(root, "checkout", "-q", "other")),
+    ]
+
+
+def one_run(base: Path, daemon: GitDaemon, files: dict[str, bytes], janitor: harness.Janitor) -> dict[str, tuple[float, float, int]]:
+    url = daemon.url(f"{NAME}.git")
+    plain = base / "plain"
+    subprocess.run(["git", "clone", "-q", "--single-branch", "--branch", "main", url, str(plain)], check=True,
+                   env=git_env())  # fmt: skip
+    remote = harness.Remote(url, "refs/heads/main", "refs/heads/main", "monorepo", git_env(), daemon)
+    inst = harness.Installation.create(base / "inst", remote, janitor)
+    inst.add_repo(remote)
+    inst.start_daemon()
+    mnt = inst.mount_path
+    git_dir = inst.root / "git" / f"{NAME}.git"
+    for root in (plain, mnt):  # the branch to check out, fetched outside the timings
+        git(root, "fetch", "-q", "origin", "other:other")
+    results = {}
+    for label, action in steps(files):
+        start = time.perf_counter()
+        action(plain)
+        plain_s = time.perf_counter() - start
+        before = blobs(git_dir)
+        start = time.perf_counter()
+        action(mnt)
+        mount_s = time.perf_counter() - start
+        results[label] = (plain_s, mount_s, blobs(git_dir) - before)
+    inst.stop_daemon()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="artifactfs-bench-git-")).resolve()
+    janitor = harness.Janitor(base)
+    try:
+        daemon, files = make_remote(base)
+        janitor.git_daemon = daemon
+        dirs = {str(Path(p).parent) for p in files}
+        print(f"monorepo: {len(files)} files in {len(dirs)} directories, "
+              f"{sum(p.endswith('.gitignore') for p in files)} .gitignore files", file=sys.stderr)  # fmt: skip
+        runs = []
+        for index in range(args.runs):
+            run_base = base / f"run{index}"
+            run_base.mkdir()
+            runs.append(one_run(run_base, daemon, files, janitor))
+            print(f"bench-git: run {index + 1}/{args.runs} done", file=sys.stderr, flush=True)
+        print(f"| step (median of {args.runs}) | plain checkout | mount | ratio | blobs fetched by the mount |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for label in runs[0]:
+            plain_s = statistics.median(r[label][0] for r in runs)
+            mount_s = statistics.median(r[label][1] for r in runs)
+            fetched = statistics.median(r[label][2] for r in runs)
+            print(f"| {label} | {plain_s:.3f} s | {mount_s:.3f} s | {mount_s / plain_s:.1f}x | {fetched:g} |")
+    finally:
+        janitor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
