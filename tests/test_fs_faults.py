@@ -98,8 +98,8 @@ def drop_kernel_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("2\n")
 
 
-def node_count(mnt: Path) -> int:
-    return os.statvfs(mnt).f_files  # statfs reports the inodes the mount holds
+def node_count(afs: Artifactfs, name: str) -> int:
+    return int(describe(afs, name)["nodes"])  # the inodes the mount process holds
 
 
 def mount_sample(afs: Artifactfs, sample: SampleRepo, name: str = "faults") -> Path:
@@ -312,16 +312,15 @@ def test_forgotten_nodes_of_old_commits_are_dropped(afs: Artifactfs, tmp_path: P
             assert os.pread(old, 4096, 0) == first  # the handle reads the commit it opened
             # Once the kernel forgets the old commit's inodes, the mount holds the commit shown
             # (its entries and the root) and the file still open: no more after many refreshes.
-            wait_for_node_count(mnt, entries + 1 + 1)
-        assert describe(afs, "refresh")["nodes"] == node_count(mnt)
+            wait_for_node_count(afs, "refresh", entries + 1 + 1)
     finally:
         os.close(old)
-    wait_for_node_count(mnt, entries + 1)  # closed and forgotten: the old README goes too
+    wait_for_node_count(afs, "refresh", entries + 1)  # closed and forgotten: the old README goes too
 
 
-def wait_for_node_count(mnt: Path, bound: int) -> None:
+def wait_for_node_count(afs: Artifactfs, name: str, bound: int) -> None:
     def settled() -> bool:
         drop_kernel_caches()
-        return node_count(mnt) <= bound
+        return node_count(afs, name) <= bound
 
-    wait_until(settled, 15, interval=0.5, what=f"the mount to hold at most {bound} nodes (it holds {node_count(mnt)})")
+    wait_until(settled, 15, interval=0.5, what=f"the mount to hold at most {bound} nodes (it holds {node_count(afs, name)})")
