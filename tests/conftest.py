@@ -316,6 +316,18 @@ def new_installation(base: Path) -> Artifactfs:
     return Artifactfs(root=root, mount_root=mount_root, env=env)
 
 
+@contextmanager
+def sample_mounted(base: Path, sample: SampleRepo) -> Iterator[tuple[Artifactfs, Path]]:
+    """The sample repository added over file:// as "sample" and mounted by a running mountd."""
+    afs = new_installation(base)
+    try:
+        afs.add("sample", sample.url)
+        afs.start_daemon()
+        yield afs, afs.wait_mounted("sample")
+    finally:
+        afs.cleanup()
+
+
 @pytest.fixture
 def afs(tmp_path: Path) -> Iterator[Artifactfs]:
     inst = new_installation(tmp_path)

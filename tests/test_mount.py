@@ -16,20 +16,15 @@ from pathlib import Path
 import pytest
 
 
-from .conftest import Artifactfs, new_installation, wait_until
+from .conftest import Artifactfs, new_installation, sample_mounted, wait_until
 from .gitremote import GitDaemon, SampleRepo, add_commit, make_many_files_repo, make_sample_repo
 
 
 @pytest.fixture(scope="module")
 def mounted(tmp_path_factory: pytest.TempPathFactory, sample: SampleRepo) -> Iterator[tuple[Artifactfs, Path]]:
     """The sample repository added over file:// and mounted by a running mountd."""
-    afs = new_installation(tmp_path_factory.mktemp("mounted"))
-    try:
-        afs.add("sample", sample.url)
-        afs.start_daemon()
-        yield afs, afs.wait_mounted("sample")
-    finally:
-        afs.cleanup()
+    with sample_mounted(tmp_path_factory.mktemp("mounted"), sample) as mounted:
+        yield mounted
 
 
 def git_out(*args: str, cwd: Path | None = None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Artifactfs, new_installation, wait_until
+from .conftest import Artifactfs, new_installation, sample_mounted, wait_until
 from .gitremote import SampleRepo
 from .test_mount import present_blobs
 
@@ -31,13 +31,8 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
 @pytest.fixture(scope="module")
 def writable(tmp_path_factory: pytest.TempPathFactory, sample: SampleRepo) -> Iterator[tuple[Artifactfs, Path]]:
     """The sample repository mounted by a running mountd; each test writes under its own names."""
-    afs = new_installation(tmp_path_factory.mktemp("writable"))
-    try:
-        afs.add("sample", sample.url)
-        afs.start_daemon()
-        yield afs, afs.wait_mounted("sample")
-    finally:
-        afs.cleanup()
+    with sample_mounted(tmp_path_factory.mktemp("writable"), sample) as mounted:
+        yield mounted
 
 
 def errno_of(action) -> int:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pygit2
 
+from ..model import ObjectMissing
 from .nodes import GIT_MODE_KINDS, Kind
 from .overlay import EntryKind, Overlay, OverlayEntry, parent_of
 
@@ -103,13 +104,14 @@ class Layers:
         found: dict[bytes, Shown] = {}
         if directory.base_tree is not None:
             tree = self.repo.get(directory.base_tree)
-            if isinstance(tree, pygit2.Tree):
-                for item in tree:
-                    kind = GIT_MODE_KINDS.get(item.filemode)
-                    if kind is not None:
-                        name = item.raw_name if hasattr(item, "raw_name") else item.name.encode()
-                        path = directory.path + b"/" + name if directory.path else name
-                        found[name] = Shown(path, kind, str(item.id), None)
+            if not isinstance(tree, pygit2.Tree):  # a blobless clone has every tree: this is a fault
+                raise ObjectMissing(f"tree {directory.base_tree} is missing from the local git directory")
+            for item in tree:
+                kind = GIT_MODE_KINDS.get(item.filemode)
+                if kind is not None:
+                    name = item.raw_name if hasattr(item, "raw_name") else item.name.encode()
+                    path = directory.path + b"/" + name if directory.path else name
+                    found[name] = Shown(path, kind, str(item.id), None)
         for name, entry in self.overlay.children(directory.path).items():
             shown = self._from_entry(directory, entry)
             if shown is None:

@@ -177,10 +177,7 @@ class TreeFS(pyfuse3.Operations):
             return node.entries
         entries: dict[bytes, Shown] = {}
         if node.kind is Kind.DIR:
-            here = Shown(self._path(node), Kind.DIR, node.oid, node.over)
-            entries = node.snap.layers.listing(here)
-            if node.oid is not None and not isinstance(node.snap.repo.get(node.oid), pygit2.Tree):
-                raise ObjectMissing(f"tree {node.oid} is missing from the local git directory")
+            entries = node.snap.layers.listing(Shown(self._path(node), Kind.DIR, node.oid, node.over))
         if node.inode == pyfuse3.ROOT_INODE:
             entries[b".git"] = Shown(b".git", Kind.DOTGIT, None, None)
         node.entries = entries
@@ -447,12 +444,17 @@ class TreeFS(pyfuse3.Operations):
         """Whether the base tree behind directory `parent` has `name` (a removal must hide it)."""
         return parent.snap.layers.base_child(parent.oid if parent.kind is Kind.DIR else None, name) is not None
 
-    def _detach(self, parent: Node, name: bytes, node: Node) -> None:
-        """`name` no longer shows `node`: it lives on only for the kernel and open handles."""
+    @staticmethod
+    def _unname(parent: Node, name: bytes, node: Node) -> None:
+        """Take `name` out of directory `parent` (the node itself is the caller's to keep or drop)."""
         if parent.children.get(name) == node.inode:
             del parent.children[name]
         if parent.entries is not None:
             parent.entries.pop(name, None)
+
+    def _detach(self, parent: Node, name: bytes, node: Node) -> None:
+        """`name` no longer shows `node`: it lives on only for the kernel and open handles."""
+        self._unname(parent, name, node)
         node.unlinked = True
         self._drop_if_unused(node)
 
@@ -554,9 +556,7 @@ class TreeFS(pyfuse3.Operations):
         if handle.append:
             off = os.fstat(fd).st_size
         written = os.pwrite(fd, buf, off)
-        node.mtime_ns = time.time_ns()
-        if not node.unlinked:
-            self.overlay.touch(self._path(node))
+        self._changed(node)
         return written
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -763,10 +763,7 @@ class TreeFS(pyfuse3.Operations):
         if target is not None:
             self._detach(new_parent, name_new, target)
         self._free(freed)
-        if old_parent.children.get(name_old) == node.inode:
-            del old_parent.children[name_old]
-        if old_parent.entries is not None:
-            old_parent.entries.pop(name_old, None)
+        self._unname(old_parent, name_old, node)
         node.parent, node.name = new_parent.inode, name_new
         node.over, node.mtime_ns = moved, None
         self._attach(new_parent, name_new, node, moved)

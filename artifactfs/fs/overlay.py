@@ -158,13 +158,13 @@ class Overlay:
         rows = self.conn.execute("SELECT * FROM entries WHERE parent = ? ORDER BY path", (directory,))
         return {entry.name: entry for entry in map(_entry, rows)}
 
-    def dirty_paths(self) -> list[bytes]:
-        """Every path the overlay holds: the only paths whose state may differ from the base."""
-        return [row[0] for row in self.conn.execute("SELECT path FROM entries ORDER BY path")]
-
     def entries_by_kind(self) -> list[tuple[bytes, EntryKind]]:
-        """Every path the overlay holds, with its kind."""
+        """Every path the overlay holds, with its kind: the only paths whose state may differ
+        from the base."""
         return [(row[0], EntryKind(row[1])) for row in self.conn.execute("SELECT path, kind FROM entries ORDER BY path")]
+
+    def dirty_paths(self) -> list[bytes]:
+        return [path for path, _ in self.entries_by_kind()]
 
     def data_path(self, data: int) -> Path:
         return self.data_root / str(data)
