@@ -161,7 +161,7 @@ def test_status_and_diff_of_an_untouched_mount_fetch_nothing(both: tuple[Both, A
 def test_editing_one_file_hydrates_that_blob_only(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
     pair, afs, sample = both
     git_dir = afs.root / "git" / "both.git"
-    edited = before = present_blobs(git_dir)
+    before = present_blobs(git_dir)
     with open(pair.mnt / "src/lib/util.py", "ab") as fh:
         fh.write(b"# one edit\n")
     edited = before | {sample.blob_id("src/lib/util.py")}
