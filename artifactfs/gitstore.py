@@ -24,6 +24,8 @@ from .procs import open_files
 from .remotes import Remote, redact
 
 PR_SET_PDEATHSIG = 1
+# The reflog message of preparation's moves of HEAD: the mount follows git's moves, not these.
+PREPARE_REFLOG_MESSAGE = "artifactfs: prepare"
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn must not dlopen
 
 # Substrings of git's stderr that mean "try again later" rather than "this will never work".

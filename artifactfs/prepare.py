@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from .config import Settings
 from .fs.fsmonitor import add_fsmonitor_extension, base_token, hook_command
-from .gitstore import BATCH_FETCH_ARGS, clone_blobless, git_env, remove_abandoned_packs, run_git
+from .gitstore import BATCH_FETCH_ARGS, PREPARE_REFLOG_MESSAGE, clone_blobless, git_env, remove_abandoned_packs, run_git
 from .model import (
     EventType,
     InvalidInput,
@@ -308,11 +308,13 @@ class Preparation:
         run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *options, "--", source, source_ref], git_dir=git_dir, env=env)
         head = run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
         self.phase(Phase.UPDATE_BRANCH)
-        run_git(["update-ref", repo.ref, head], git_dir=git_dir)
+        # Named in the reflog, so that the mount tells this move from git's own (reconcile.py).
+        message = ["-m", PREPARE_REFLOG_MESSAGE]
+        run_git(["update-ref", *message, repo.ref, head], git_dir=git_dir)
         if repo.ref.startswith("refs/heads/"):
-            run_git(["symbolic-ref", "HEAD", repo.ref], git_dir=git_dir)
+            run_git(["symbolic-ref", *message, "HEAD", repo.ref], git_dir=git_dir)
         else:
-            run_git(["update-ref", "--no-deref", "HEAD", head], git_dir=git_dir)
+            run_git(["update-ref", *message, "--no-deref", "HEAD", head], git_dir=git_dir)
         return head
 
     def _discard_temporaries(self) -> None:
