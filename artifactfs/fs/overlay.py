@@ -247,6 +247,29 @@ class Overlay:
             self._changed(tx, new, directory=True)
         return freed
 
+    def move_base(self, put: list[OverlayEntry], delete: list[bytes], state: dict[str, str]) -> list[int]:
+        """Rewrite entries for a new base (reconcile.py) and record it (`state`), in one
+        transaction: a crash leaves the overlay against the old base or the new, never between.
+        Changes nothing a reader sees, so no change is numbered. Returns the content files freed."""
+        with self._tx() as tx:
+            before = {row[0] for row in tx.execute("SELECT data FROM entries WHERE data IS NOT NULL")}
+            for path in delete:
+                tx.execute("DELETE FROM entries WHERE path = ?", (path,))
+            for entry in put:
+                _put(tx, entry)
+            after = {row[0] for row in tx.execute("SELECT data FROM entries WHERE data IS NOT NULL")}
+            _set_state(tx, state)
+        return sorted(before - after)
+
+    def state(self, name: str) -> str | None:
+        """A value recorded with the entries (the base they are against: see TreeFS.show)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row is not None else None
+
+    def set_state(self, state: dict[str, str]) -> None:
+        with self._tx() as tx:
+            _set_state(tx, state)
+
     def unreferenced(self, data: int) -> bool:
         return self.conn.execute("SELECT 1 FROM entries WHERE data = ?", (data,)).fetchone() is None
 
@@ -268,6 +291,10 @@ def _put(tx: sqlite3.Connection, entry: OverlayEntry) -> None:
         (entry.path, parent_of(entry.path), entry.kind.value, entry.mode, entry.mtime_ns, entry.data,
          entry.base_oid, entry.base_tree, entry.target, int(entry.opaque)),
     )  # fmt: skip
+
+
+def _set_state(tx: sqlite3.Connection, state: dict[str, str]) -> None:
+    tx.executemany("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", list(state.items()))
 
 
 def _delete_tree(tx: sqlite3.Connection, path: bytes) -> list[int]:
