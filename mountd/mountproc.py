@@ -41,6 +41,9 @@ log = logging.getLogger("artifactfs.mount")
 # operations that never wait (root getattr, statfs, release) are always served.
 MAX_TASKS = 4096
 STOP_GRACE_SECONDS = 2.0
+# How often the mount looks whether git moved HEAD (commit, checkout, reset) to move its base
+# along; git's own fsmonitor query makes it look at once as well.
+FOLLOW_HEAD_SECONDS = 1.0
 
 
 def others_may_read() -> bool:
@@ -78,6 +81,7 @@ class MountProcess:
             self.nursery = nursery
             nursery.start_soon(self._control, trio.socket.from_stdlib_socket(listener))
             nursery.start_soon(self._signals)
+            nursery.start_soon(self._follow_head)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
 
@@ -87,6 +91,11 @@ class MountProcess:
                 log.info("%s: signal %d, unmounting", self.name, signum)
                 await self._stop()
                 return
+
+    async def _follow_head(self) -> None:
+        while True:
+            await trio.sleep(FOLLOW_HEAD_SECONDS)
+            self.fs.follow_head_safely()
 
     async def _stop(self) -> None:
         """End the session. pyfuse3.main returns only once every handler has: callers waiting at
@@ -147,6 +156,7 @@ class MountProcess:
             elif op == "ready":
                 self._show(Path(order["git_dir"]), str(order["head"]))
                 self.gate.open()
+                self.fs.follow_head_safely()  # git may have moved HEAD while this process was down
             elif op == "failed":
                 self.gate.fail(str(order.get("error", "")))
             elif op == "reset":
@@ -171,6 +181,7 @@ class MountProcess:
             "gate": self.gate.state.value,
             "git_dir": self.shown[0] if self.shown else None,
             "head": self.shown[1] if self.shown else None,
+            "base": str(self.fs.snapshot.commit.id) if self.fs.snapshot else None,  # follows HEAD
             "nodes": len(self.fs.nodes), "handles": len(self.fs.handles),  # bounded across refreshes
         }
 

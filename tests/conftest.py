@@ -18,6 +18,7 @@ import pytest
 
 from artifactfs.mounts import fuse_mounts, unmount
 from artifactfs.procs import all_pids, cmdline, identify, is_running, read_pid_file
+from mountd.control import ControlClient
 
 from .gitremote import GitDaemon, SampleRepo, make_sample_repo
 from .postgres import PostgresServer
@@ -180,6 +181,14 @@ class Artifactfs:
         """The live FUSE server of mount `name`, from the pid file it writes."""
         proc = read_pid_file(self.root / "run" / "mounts" / f"{name}.pid")
         return proc.pid if proc is not None else None
+
+    def describe_mount(self, name: str) -> dict[str, object]:
+        """What the mount process says of itself on its control socket."""
+        client = ControlClient(self.root / "run" / "mounts" / f"{name}.sock", timeout=10)
+        try:
+            return client.request({"op": "hello"})
+        finally:
+            client.close()
 
     def wait_mount_process(self, name: str) -> int:
         """The mount process's pid, once written: that comes just after the mount appears."""

@@ -23,7 +23,6 @@ from artifactfs.fs import faults, operations
 from artifactfs.fs.gate import Gate, GateState, wait_for
 from artifactfs.mounts import fuse_mounts
 from artifactfs.procs import process_state
-from mountd.control import ControlClient
 
 from .conftest import Artifactfs, command_lines, wait_until, waits_on_fuse
 from .gitremote import HungRemote, SampleRepo, add_commit, git, make_sample_repo
@@ -44,12 +43,7 @@ def set_remote(afs: Artifactfs, name: str, url: str) -> None:
 
 
 def describe(afs: Artifactfs, name: str) -> dict[str, object]:
-    """What the mount process says of itself on its control socket."""
-    client = ControlClient(afs.root / "run" / "mounts" / f"{name}.sock", timeout=10)
-    try:
-        return client.request({"op": "hello"})
-    finally:
-        client.close()
+    return afs.describe_mount(name)
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -43,7 +43,7 @@ import pygit2
 from ..model import BlobFetchFailed, ObjectMissing
 from .faults import contained
 from .fsmonitor import Answers
-from .gate import Gate
+from .gate import Gate, GateState
 from .hydrator import Hydrator
 from .layers import Layers, Shown, overlay_kind
 from .nodes import (
@@ -57,7 +57,8 @@ from .nodes import (
     Node,
     Snapshot,
 )
-from .overlay import EntryKind, Overlay, OverlayEntry
+from .overlay import EntryKind, Overlay, OverlayEntry, parent_of
+from .reconcile import head_commit, moved_by_preparation, plan_move
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ BLOB_CACHE_ENTRIES = 64
 NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+# What the overlay records of its base (see TreeFS._base_for).
+BASE_PREPARED, BASE_COMMIT, BASE_MTIME = "prepared", "base", "base_mtime_ns"
 TYPE_BITS = {EntryKind.FILE: stat.S_IFREG, EntryKind.DIR: stat.S_IFDIR, EntryKind.LINK: stat.S_IFLNK}
 
 
@@ -119,11 +122,12 @@ class TreeFS(pyfuse3.Operations):
         commit = repo.get(head)
         if not isinstance(commit, pygit2.Commit):
             raise ValueError(f"{head} is not a commit in {git_dir}")
+        commit, mtime_ns = self._base_for(repo, commit)
         snap = Snapshot(
             repo=repo,
             commit=commit,
             dotgit=f"gitdir: {git_dir}\n".encode(),
-            mtime_ns=commit.commit_time * 1_000_000_000,
+            mtime_ns=mtime_ns,
             hydrator=hydrator,
             layers=Layers(repo, str(commit.tree_id), self.overlay),
         )
@@ -142,6 +146,77 @@ class TreeFS(pyfuse3.Operations):
                 stale.append((node.parent, node.name))
             self._drop_if_unused(node)
         return stale
+
+    def _base_for(self, repo: pygit2.Repository, prepared: pygit2.Commit) -> tuple[pygit2.Commit, int]:
+        """The commit the overlay's entries are against, and the time its files show.
+
+        A commit newly prepared (a first mount, a refresh) becomes the base, as it is: files the
+        overlay does not hold show its content. The same preparation shown again (this process
+        restarted) shows the base the overlay was left against, which follows git's HEAD, so that
+        the tree looks as it did before the restart."""
+        state = self.overlay.state
+        if state(BASE_PREPARED) == str(prepared.id):
+            base = repo.get(state(BASE_COMMIT) or "")
+            mtime = state(BASE_MTIME)
+            if isinstance(base, pygit2.Commit) and mtime is not None and mtime.isdigit():
+                return base, int(mtime)
+            log.warning("%s: the overlay's base is not in the git directory; showing %s", self.fsname, prepared.id)
+        mtime_ns = prepared.commit_time * 1_000_000_000
+        self.overlay.set_state({BASE_PREPARED: str(prepared.id), BASE_COMMIT: str(prepared.id), BASE_MTIME: str(mtime_ns)})
+        return prepared, mtime_ns
+
+    def follow_head(self) -> None:
+        """If git moved HEAD inside the mount, move the base along (reconcile.py): the overlay
+        sheds what the new commit holds, and what the mount shows does not change."""
+        snap = self.snapshot
+        if snap is None or self.gate.state is not GateState.OPEN:
+            return  # a preparation may be moving HEAD: mountd says what to show once it is done
+        head = head_commit(snap.repo)
+        if head is None or head.id == snap.commit.id or moved_by_preparation(snap.repo):
+            return
+        if not isinstance(snap.repo.get(head.tree_id), pygit2.Tree):
+            log.warning("%s: HEAD %s has no tree here yet; the base stays at %s", self.fsname, head.id, snap.commit.id)
+            return
+        plan = plan_move(snap.repo, self.overlay, str(snap.commit.tree_id), str(head.tree_id),
+                         base_mtime_ns=snap.mtime_ns, held=lambda data: self.held.get(data, 0) > 0)  # fmt: skip
+        freed = self.overlay.move_base(list(plan.put.values()), sorted(plan.delete),
+                                       {BASE_COMMIT: str(head.id), BASE_MTIME: str(snap.mtime_ns)})  # fmt: skip
+        moved = replace(snap, commit=head, layers=Layers(snap.repo, str(head.tree_id), self.overlay))
+        self.snapshot = moved
+        self._carry_nodes(snap, moved, plan.visited)
+        self._free(freed)
+        log.info("%s: base follows HEAD to %s (%d entries rewritten, %d dropped, %d content files freed)",
+                 self.fsname, head.id, len(plan.put), len(plan.delete), len(freed))  # fmt: skip
+
+    def follow_head_safely(self) -> None:
+        """follow_head, whose failure leaves the base where it was (its transaction is undone)
+        and costs nothing else: git's answer does not depend on it."""
+        try:
+            self.follow_head()
+        except Exception as exc:
+            log.error("%s: could not move the base to HEAD: %s: %s", self.fsname, type(exc).__name__, exc)
+
+    def _carry_nodes(self, old: Snapshot, new: Snapshot, visited: set[bytes]) -> None:
+        """Move the nodes of the old base to the new one, keeping their inode numbers (git's index
+        records them). Where the view's sources changed, read what they show again."""
+        for node in list(self.nodes.values()):
+            if node.snap is not old:
+                continue
+            node.snap = new
+            if node.unlinked or node.kind is Kind.DOTGIT:
+                continue
+            path = self._path(node)
+            if path not in visited and parent_of(path) not in visited:
+                continue
+            shown = new.layers.resolve(path)
+            if shown is None or shown.kind is not node.kind:  # a submodule the overlay cannot keep
+                parent = self.nodes[node.parent]
+                self._detach(parent, node.name, node)
+                pyfuse3.invalidate_entry_async(parent.inode, node.name, ignore_enoent=True)
+                continue
+            node.oid, node.over = shown.oid, shown.entry
+            if node.is_dir and path in visited:
+                node.entries = None
 
     def exists(self, oid: str) -> bool:
         """Whether the object store holds `oid` (ask the hydrator: it caches the answer)."""
@@ -807,6 +882,7 @@ class TreeFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         await self.gate.wait(ctx.pid)
         if inode == pyfuse3.ROOT_INODE and self.fsmonitor.asks(name):
+            self.follow_head_safely()  # git asks before it uses the index: catch up with HEAD first
             snap = self._snap()
             return self.fsmonitor.page(name, snap.repo, str(snap.commit.id))
         raise fuse_error(errno.ENODATA)
