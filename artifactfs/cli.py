@@ -65,7 +65,7 @@ def cmd_add_repo(args: argparse.Namespace, settings: Settings) -> int:
     registry = open_registry(settings)
     req = parse_add_request(
         settings, registry, args.name, remote, args.ref, args.mount_root,
-        prepared_gitdir=args.prepared_gitdir, git_dir=args.git_dir, fetch_ref=args.fetch_ref,
+        prepared_gitdir=args.prepared_gitdir, git_dir=args.git_dir, fetch_ref=args.fetch_ref, owner=args.owner,
     )  # fmt: skip
     if args.asynchronous:
         add_repo_async(settings, registry, req)
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch into an existing git directory (--git-dir) instead of cloning")
     p.add_argument("--git-dir", help="with --prepared-gitdir: the git directory to fetch into")
     p.add_argument("--fetch-ref", help="with --prepared-gitdir: the remote ref to fetch into --ref")
+    p.add_argument("--owner", metavar="USER",
+                   help="user (name or uid) the mounted files and the git directory belong to, so that "
+                        "this user's git works in the mount (default: root)")
 
     p = command("prepare", cmd_prepare, "prepare a repository again (after a failure, or to refresh it)")
     p.add_argument("--name", required=True)

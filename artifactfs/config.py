@@ -23,6 +23,10 @@ ROOT_MODE = 0o711
 PRIVATE_DIR_MODE = 0o700
 MOUNT_ROOT_MODE = 0o755
 SHARED_GIT_MODE = 0o755
+# The git root and the state root once a repository has an owner (add-repo --owner): that user
+# must reach their git directory and their overlay through them. Traversable, not listable; every
+# other repository's directories stay root's alone (0700).
+OWNED_TRAVERSE_MODE = 0o711
 
 
 def _default_root() -> Path:
@@ -143,6 +147,12 @@ class Settings:
         """What was written in the repository's mount (fs/overlay.py): kept across restarts."""
         return self.repo_state_dir(name) / "overlay"
 
+    def open_to_owner(self, path: Path) -> None:
+        """Let an owner (add-repo --owner) traverse a root-only directory of ours on the way to
+        what is theirs: the git root, the state root, a repository's state directory."""
+        if path.stat().st_mode & 0o777 == PRIVATE_DIR_MODE:
+            os.chmod(path, OWNED_TRAVERSE_MODE)
+
     def stats_file(self, name: str) -> Path:
         return self.repo_state_dir(name) / "fetch-stats.json"
 
@@ -170,7 +180,9 @@ class Settings:
                    self.credential_root, self.log_root)  # fmt: skip
         for path, mode in ((self.root, ROOT_MODE), (self.git_root, git_mode), *((p, PRIVATE_DIR_MODE) for p in private)):
             path.mkdir(mode=mode, parents=True, exist_ok=True)
-            if path.stat().st_mode & 0o777 != mode:
+            current = path.stat().st_mode & 0o777
+            opened = path in (self.git_root, self.state_root) and current == OWNED_TRAVERSE_MODE
+            if current != mode and not opened:
                 os.chmod(path, mode)
         if not self.mount_root.exists():
             # Sandboxes of every user reach their mounts through it.

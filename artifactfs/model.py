@@ -122,6 +122,15 @@ class ObjectMissing(GitError):
 # SQLModel tables in tables.py have exactly these columns.
 
 
+@dataclass(frozen=True)
+class Owner:
+    """A user of this host whom a repository's mounted files and git directory belong to."""
+
+    name: str
+    uid: int
+    gid: int
+
+
 @dataclass
 class RepoState:
     """A row of the `repos` projection: a repository's current state, folded from its events."""
@@ -144,6 +153,9 @@ class RepoState:
     # their ids and dedupe keys are keyed on it.
     attempt_version: int = 0
     head: str | None = None
+    # The user the mounted files and the git directory belong to (add-repo --owner); None: root.
+    owner_uid: int | None = None
+    owner_gid: int | None = None
     version: int = 0  # the last stream version folded into this row
     registered_at: datetime = field(default_factory=lambda: utcnow())
     updated_at: datetime = field(default_factory=lambda: utcnow())

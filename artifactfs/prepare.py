@@ -28,6 +28,7 @@ from .model import (
     EventType,
     InvalidInput,
     NewEvent,
+    Owner,
     Phase,
     PrepareState,
     RefNotFound,
@@ -36,6 +37,7 @@ from .model import (
     RepoState,
     StaleAttempt,
 )
+from .owners import call_as, give_to, owner_of
 from .registry import Registry
 from .remotes import redact
 from .wakeup import publish
@@ -214,6 +216,26 @@ def clear_leftovers(git_dir: Path) -> list[Path]:
     return removed
 
 
+def fetch_head(git_dir: Path, remote_url: str, source_ref: str, env: dict[str, str]) -> str:
+    """Fetch `source_ref` into a clone (or a prepared git directory); the commit fetched."""
+    promisor = run_git(["config", "--get", "remote.origin.promisor"], git_dir=git_dir, env=env, check=False)
+    # Keep a partial clone partial: fetch through its promisor remote, without blobs.
+    options, source = (["--filter=blob:none"], "origin") if promisor.stdout.strip() == b"true" else ([], remote_url)
+    run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *options, "--", source, source_ref], git_dir=git_dir, env=env)
+    return run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
+
+
+def move_branch(git_dir: Path, ref: str, head: str) -> None:
+    """Point `ref` at `head` and HEAD at `ref` (HEAD itself for a ref that is no branch)."""
+    # Named in the reflog, so that the mount tells this move from git's own (reconcile.py).
+    message = ["-m", PREPARE_REFLOG_MESSAGE]
+    run_git(["update-ref", *message, ref, head], git_dir=git_dir)
+    if ref.startswith("refs/heads/"):
+        run_git(["symbolic-ref", *message, "HEAD", ref], git_dir=git_dir)
+    else:
+        run_git(["update-ref", *message, "--no-deref", "HEAD", head], git_dir=git_dir)
+
+
 def check_git_dir(path: Path) -> None:
     """A prepared git directory must exist and be a git directory (not a work tree)."""
     if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
@@ -241,21 +263,22 @@ class Preparation:
         repo = self.repo
         git_dir = self.settings.repo_git_dir(repo)
         source_ref = repo.fetch_ref or repo.ref
+        owner = self.owner
         self.phase(Phase.VALIDATE)
         validate_remote(repo.remote_url, source_ref, self.credential_file)
         if repo.prepared_gitdir:
             check_git_dir(git_dir)
             head = self._fetch(git_dir, source_ref)
         elif (git_dir / "HEAD").is_file():
-            clear_leftovers(git_dir)  # we hold the repository's lock: see clear_leftovers
+            call_as(owner, lambda: len(clear_leftovers(git_dir)))  # we hold the lock: see clear_leftovers
             head = self._fetch(git_dir, source_ref)  # a retry or refresh: the clone is there
         else:
             self._discard_temporaries()
             self.phase(Phase.CLONE)
             head = self._clone(git_dir)
         self.phase(Phase.INDEX)
-        write_index(git_dir, head)
-        fetch_status_blobs(git_dir, head, git_env(self.credential_file))
+        env = git_env(self.credential_file)
+        call_as(owner, lambda: (write_index(git_dir, head), fetch_status_blobs(git_dir, head, env))[1])
         self.phase(Phase.PUBLISH)
         self._record(NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
         return head
@@ -266,7 +289,7 @@ class Preparation:
         self._discard_temporaries()
         git_dir = self.settings.repo_git_dir(self.repo)
         if not self.repo.prepared_gitdir and git_dir.is_dir():
-            clear_leftovers(git_dir)
+            call_as(self.owner, lambda: len(clear_leftovers(git_dir)))
 
     def _record(self, event: NewEvent) -> None:
         guard = current_attempt(self.repo.attempt_version)
@@ -293,28 +316,28 @@ class Preparation:
             ).head
             self._reached(Phase.CLONE)
             git_dir.parent.mkdir(parents=True, exist_ok=True)
+            owner = self.owner
+            if owner is not None:
+                # Now, while it lies under the root-only temporary root: once in place it is
+                # theirs to change, and root must not walk it again (see owners.py).
+                give_to(staged, owner)
+                self.settings.open_to_owner(self.settings.git_root)
             os.rename(staged, git_dir)  # atomic on one filesystem; fails if git_dir is there
             return head
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    @property
+    def owner(self) -> Owner | None:
+        """Whose the git directory is (add-repo --owner): every git command on it runs as them."""
+        return None if self.repo.prepared_gitdir else owner_of(self.repo.owner_uid, self.repo.owner_gid)
+
     def _fetch(self, git_dir: Path, source_ref: str) -> str:
-        repo = self.repo
         self.phase(Phase.FETCH)
         env = git_env(self.credential_file)
-        promisor = run_git(["config", "--get", "remote.origin.promisor"], git_dir=git_dir, env=env, check=False)
-        # Keep a partial clone partial: fetch through its promisor remote, without blobs.
-        options, source = (["--filter=blob:none"], "origin") if promisor.stdout.strip() == b"true" else ([], repo.remote_url)
-        run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *options, "--", source, source_ref], git_dir=git_dir, env=env)
-        head = run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
+        head = call_as(self.owner, lambda: fetch_head(git_dir, self.repo.remote_url, source_ref, env))
         self.phase(Phase.UPDATE_BRANCH)
-        # Named in the reflog, so that the mount tells this move from git's own (reconcile.py).
-        message = ["-m", PREPARE_REFLOG_MESSAGE]
-        run_git(["update-ref", *message, repo.ref, head], git_dir=git_dir)
-        if repo.ref.startswith("refs/heads/"):
-            run_git(["symbolic-ref", *message, "HEAD", repo.ref], git_dir=git_dir)
-        else:
-            run_git(["update-ref", *message, "--no-deref", "HEAD", head], git_dir=git_dir)
+        call_as(self.owner, lambda: move_branch(git_dir, self.repo.ref, head))
         return head
 
     def _discard_temporaries(self) -> None:

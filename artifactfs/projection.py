@@ -25,6 +25,8 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
             attempt_started_at=ev.created_at,
             attempt_version=ev.version,
             registered_at=ev.created_at,
+            owner_uid=p.get("owner_uid"),
+            owner_gid=p.get("owner_gid"),
         )
     elif repo is None:
         return None  # history of a name that is not registered now (e.g. an abandoned add)

@@ -19,12 +19,14 @@ from .model import (
     InvalidInput,
     MountRefused,
     NewEvent,
+    Owner,
     PrepareState,
     RepoState,
     StaleAttempt,
     UnknownRepo,
 )
 from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, resolve_outside, unmount, under
+from .owners import lookup_owner
 from .prepare import Preparation, announce, check_git_dir, fail_attempt, record
 from .registry import Registry
 from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
@@ -43,6 +45,7 @@ class AddRequest:
     git_dir: Path
     prepared_gitdir: bool = False  # someone else's git directory: fetch into it, never delete it
     fetch_ref: str | None = None  # what to fetch from the remote into `ref`, if not `ref` itself
+    owner: Owner | None = None  # whose the mounted files and the git directory are (default: root's)
 
 
 def parse_add_request(
@@ -56,11 +59,19 @@ def parse_add_request(
     prepared_gitdir: bool = False,
     git_dir: str | None = None,
     fetch_ref: str | None = None,
+    owner: str | None = None,
 ) -> AddRequest:
     """Validate everything a user typed before anything is written."""
     validate_name(name)
     parsed = parse_remote(remote)
     full_ref = validate_ref(ref)
+    who = lookup_owner(owner) if owner is not None else None
+    if who is not None and prepared_gitdir:
+        raise InvalidInput("--owner does not go with --prepared-gitdir: that git directory already has an owner")
+    if who is not None and parsed.has_credentials:
+        # Their git fetches (as them): it could not read a root-only credential, and must not.
+        raise InvalidInput("--owner does not go with credentials in the remote URL: give the owner their own "
+                           "credential helper, or use a remote that needs none")  # fmt: skip
     if prepared_gitdir:
         if not git_dir or not fetch_ref:
             raise InvalidInput("--prepared-gitdir needs --git-dir DIR and --fetch-ref REF")
@@ -75,7 +86,7 @@ def parse_add_request(
         raise DuplicateRepo(name)  # said before anything about its mount path (registering checks again)
     return AddRequest(
         name=name, remote=parsed, ref=full_ref, mount_path=checked_mount_path(settings, registry, name, mount_root),
-        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref,
+        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who,
     )  # fmt: skip
 
 
@@ -163,6 +174,7 @@ def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> 
             "prepared_gitdir": req.prepared_gitdir,
             "asynchronous": asynchronous,
             "attempt": 1,
+            **({"owner_uid": req.owner.uid, "owner_gid": req.owner.gid} if req.owner is not None else {}),
         },
         job_id=job_id,
     )
@@ -273,7 +285,7 @@ def _prepare_here(settings: Settings, registry: Registry, name: str) -> PrepareR
         repo = registry.require(name)
         credential_file = settings.credential_file(name)
         try:
-            if (settings.repo_git_dir(repo) / "HEAD").is_file():
+            if repo.owner_uid is None and (settings.repo_git_dir(repo) / "HEAD").is_file():
                 # A clone made by an older version asks git's store helper, which forgets the
                 # credential at the first 401: ask ours instead.
                 configure_credential_helper(settings.repo_git_dir(repo), credential_file)

@@ -46,6 +46,8 @@ class RepoRow(SQLModel, table=True):
     attempt_started_at: datetime | None = None
     attempt_version: int = 0
     head: str | None = None
+    owner_uid: int | None = None
+    owner_gid: int | None = None
     version: int = 0
     registered_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -60,6 +60,13 @@ MOUNT_PROCESS_MODULE = "mountd.mountproc"
 SPARE_ARGV = [sys.executable, "-m", MOUNT_PROCESS_MODULE]
 
 
+def owner_ids(repo: RepoState) -> list[int] | None:
+    """Whose the mount's files are: [uid, gid] of add-repo --owner, or None (root's)."""
+    if repo.owner_uid is None:
+        return None
+    return [repo.owner_uid, repo.owner_gid if repo.owner_gid is not None else repo.owner_uid]
+
+
 @dataclass
 class MountChild:
     """A running mount process: started by this mountd (proc is set) or adopted from an earlier one."""
@@ -348,18 +355,18 @@ class MountDaemon:
         proc = self._spares.pop(0) if self._spares else self._spawn_spare()
         self._spares.append(self._spawn_spare())  # started now, warm by the time it is needed
         try:
-            self._mount_with(proc, repo.name, mount_path)
+            self._mount_with(proc, repo.name, mount_path, owner_ids(repo))
         except BaseException:
             proc.kill()
             proc.wait()
             raise
 
-    def _mount_with(self, proc: subprocess.Popen[bytes], name: str, mount_path: Path) -> None:
+    def _mount_with(self, proc: subprocess.Popen[bytes], name: str, mount_path: Path, owner: list[int] | None) -> None:
         """Hand the mount order to a spare and wait, bounded, for it to report the mount."""
         assert proc.stdin is not None and proc.stdout is not None
         if _read_line(proc, SPARE_START_SECONDS) != b"ready":  # already read for a warm spare
             raise MountUnresponsive(f"a mount process did not start within {SPARE_START_SECONDS:g}s")
-        proc.stdin.write(encode({"op": "mount", "name": name, "mount_path": str(mount_path)}))
+        proc.stdin.write(encode({"op": "mount", "name": name, "mount_path": str(mount_path), "owner": owner}))
         proc.stdin.flush()
         timeout = self.settings.mount_handshake_timeout
         if _read_line(proc, timeout) != b"mounted":

@@ -12,11 +12,13 @@ mountd exits, crashes or restarts, and the next mountd finds it by its pid file 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,9 @@ from artifactfs.fs.hydrator import FetchStats, Hydrator
 from artifactfs.fs.operations import TreeFS
 from artifactfs.fs.overlay import Overlay
 from artifactfs.gitstore import git_env
+from artifactfs.model import Owner
 from artifactfs.mounts import check_mount_path
+from artifactfs.owners import become, owner_of
 from artifactfs.procs import read_pid_file, write_pid_file
 from artifactfs.remotes import validate_name
 from mountd import control
@@ -58,16 +62,42 @@ def others_may_read() -> bool:
 
 
 class MountProcess:
-    def __init__(self, settings: Settings, name: str, mount_path: Path) -> None:
+    def __init__(self, settings: Settings, name: str, mount_path: Path, owner: Owner | None = None) -> None:
         self.settings = settings
         self.name = name
         self.mount_path = mount_path
         self.stats_file = settings.stats_file(name)
         self.gate = Gate()
-        self.overlay = Overlay(settings.overlay_dir(name))
-        self.fs = TreeFS(self.gate, self.overlay, fsname=f"artifactfs:{name}")
+        self.owner = owner
+        self.controller_uid = os.getuid()  # mountd's: the only peer whose orders count
+        # A repository with an owner gets its overlay once this process has become the owner
+        # (become_owner): root never opens a directory the owner can change.
+        overlay = Overlay(settings.overlay_dir(name)) if owner is None else None
+        ids = (owner.uid, owner.gid) if owner is not None else None
+        self.fs = TreeFS(self.gate, overlay, fsname=f"artifactfs:{name}", owner=ids)
         self.shown: tuple[str, str] | None = None
         self.nursery: trio.Nursery | None = None
+
+    def become_owner(self) -> None:
+        """Give up root for the repository's owner, once mounted (add-repo --owner; see owners.py).
+
+        Their overlay directory is made (or found) inside the root-only state directory of the
+        repository, given to them, and only then is the way to it opened; from here on this
+        process reads their git directory and writes their overlay with their rights alone."""
+        owner = self.owner
+        if owner is None:
+            return
+        overlay_dir = self.settings.overlay_dir(self.name)
+        overlay_dir.mkdir(mode=0o700, exist_ok=True)
+        found = overlay_dir.lstat()
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid not in (0, owner.uid):
+            raise PermissionError(f"{overlay_dir} is not a directory of root's or {owner.name}'s")
+        if found.st_uid == 0:
+            os.lchown(overlay_dir, owner.uid, owner.gid)
+        for path in (self.settings.state_root, self.settings.repo_state_dir(self.name)):
+            self.settings.open_to_owner(path)
+        become(owner)
+        self.fs.use_overlay(Overlay(overlay_dir))
 
     def mount(self) -> None:
         # default_permissions: the kernel checks the modes we report against the caller.
@@ -117,7 +147,7 @@ class MountProcess:
         """One control connection. Whatever goes wrong here ends this connection, never the mount."""
         try:
             peer = control.peer_credentials(conn)  # type: ignore[arg-type]
-            if peer.uid != os.getuid():
+            if peer.uid != self.controller_uid:
                 log.warning("%s: refused a control connection from uid %d (pid %d)", self.name, peer.uid, peer.pid)
                 conn.close()
                 return
@@ -191,8 +221,10 @@ class MountProcess:
         hydrator = self.fs.hydrator
         if hydrator is None or hydrator.git_dir != git_dir:
             # Credentials, if the repository has any, come from its git config (a store helper).
+            # The statistics file lies in a directory of root's, which an owner's process cannot write.
+            on_batch = self._write_stats if self.owner is None else None
             hydrator = Hydrator(git_dir, self.fs.exists, fetch_timeout=self.settings.fetch_timeout,
-                                credential_env=git_env(), on_batch=self._write_stats,
+                                credential_env=git_env(), on_batch=on_batch,
                                 own_git_dir=git_dir.parent == self.settings.git_root)  # fmt: skip
             assert self.nursery is not None
             self.nursery.start_soon(hydrator.run)
@@ -232,6 +264,16 @@ def _await_mount_order() -> dict[str, Any] | None:
     return order
 
 
+def checked_owner(value: Any) -> Owner | None:
+    """The [uid, gid] of a mount order, checked like any input: ids a user other than root has."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**32 - 1 for v in value)):  # fmt: skip
+        raise ValueError(f"a mount order's owner must be [uid, gid] of a user other than root, not {value!r}")
+    return owner_of(value[0], value[1])
+
+
 def _detach_from_mountd() -> None:
     """Once mounted, nothing ties us to the mountd that started us: not its pipes (their end
     must not end us) and not its session (we were started in a session of our own)."""
@@ -258,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s mount[{name}] %(levelname)s %(message)s")
     mount_path = check_mount_path(settings, name, str(order.get("mount_path")))
     settings.repo_state_dir(name).mkdir(parents=True, exist_ok=True)
-    proc = MountProcess(settings, name, mount_path)
+    proc = MountProcess(settings, name, mount_path, checked_owner(order.get("owner")))
     try:
         proc.mount()
     except RuntimeError as exc:
@@ -269,15 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         listener = control.listen(socket_path)
         me = write_pid_file(pid_file, os.getpid())
+        proc.become_owner()
         print("mounted", flush=True)
         _detach_from_mountd()
         trio.run(proc.serve, listener)
     finally:
-        pyfuse3.close(unmount=True)
+        # As an owner this process may not unmount, nor remove files of root's: mountd does both
+        # once it sees the process gone.
+        pyfuse3.close(unmount=os.geteuid() == 0)
         # Leave the socket and pid file alone if a successor already took them over.
         if read_pid_file(pid_file) in (None, me):
-            pid_file.unlink(missing_ok=True)
-            socket_path.unlink(missing_ok=True)
+            with contextlib.suppress(PermissionError):
+                pid_file.unlink(missing_ok=True)
+                socket_path.unlink(missing_ok=True)
     return 0
 
 

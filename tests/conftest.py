@@ -3,11 +3,13 @@ remotes (see gitremote.py), real FUSE mounts."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -344,6 +346,20 @@ def afs(tmp_path: Path) -> Iterator[Artifactfs]:
         yield inst
     finally:
         inst.cleanup()
+
+
+@pytest.fixture
+def reachable_afs() -> Iterator[Artifactfs]:
+    """An installation other users can reach (pytest's own temporary directories are root's alone):
+    for tests where a sandbox user reads the mount or runs git in it."""
+    base = Path(tempfile.mkdtemp(prefix="artifactfs-shared-"))
+    base.chmod(0o755)
+    inst = new_installation(base)
+    try:
+        yield inst
+    finally:
+        inst.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

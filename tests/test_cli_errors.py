@@ -196,6 +196,14 @@ BAD_INPUT = [
     Bad(add("--ref", "ma@{1}"), "invalid ref"),
     Bad(add("--ref", "a b"), "invalid ref"),
     Bad(add("--ref", "a\x7fb"), "control character \\x7f"),
+    # owners
+    Bad(add("--owner", "no-such-user-here"), "--owner no-such-user-here: no such user on this host"),
+    Bad(add("--owner", "4000000000"), "no such user on this host"),
+    Bad(add("--owner", "nobody", "--prepared-gitdir", "--git-dir", "BASE", "--fetch-ref", "main"),
+        "--owner does not go with --prepared-gitdir"),
+    Bad(add("--owner", "root"), "--owner root: that is root"),
+    Bad(add("--owner", "nobody", remote=f"https://user:{SECRET}@example.com/r.git"),
+        "--owner does not go with credentials in the remote URL"),
     # mount roots
     Bad(add("--mount-root", "BASE/allowed/file"), "is not a directory"),
     Bad(add("--mount-root", "BASE/allowed/missing"), "does not exist"),

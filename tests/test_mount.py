@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,27 +257,20 @@ def test_statting_files_one_by_one_brings_their_directory_along(afs: Artifactfs,
     assert fetched == {served_many.blob_id(p) for p in in_d003}
 
 
-def test_other_users_can_read_the_mount(afs: Artifactfs, sample: SampleRepo) -> None:
+def test_other_users_can_read_the_mount(reachable_afs: Artifactfs, sample: SampleRepo) -> None:
     """Sandboxes rarely run as the user that runs mountd."""
-    shared = Path(tempfile.mkdtemp(prefix="artifactfs-shared-"))
-    shared.chmod(0o755)  # pytest's own temporary directories are private to root
-    try:
-        afs.env["ARTIFACTFS_MOUNT_ROOT"] = str(shared)
-        afs.mount_root = shared
-        afs.add("shared", sample.url)
-        afs.start_daemon()
-        mnt = afs.wait_mounted("shared")
-        as_nobody = ["runuser", "-u", "nobody", "--"]
-        out = subprocess.run([*as_nobody, "cat", str(mnt / "src/app.py")], capture_output=True)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout == sample.files["src/app.py"]
-        listing = subprocess.run([*as_nobody, "ls", str(mnt / "src")], capture_output=True, text=True)
-        assert "app.py" in listing.stdout.split()
-        denied = subprocess.run([*as_nobody, "touch", str(mnt / "src/app.py")], capture_output=True)
-        assert denied.returncode != 0
-    finally:
-        afs.cleanup()
-        shutil.rmtree(shared, ignore_errors=True)
+    afs = reachable_afs
+    afs.add("shared", sample.url)
+    afs.start_daemon()
+    mnt = afs.wait_mounted("shared")
+    as_nobody = ["runuser", "-u", "nobody", "--"]
+    out = subprocess.run([*as_nobody, "cat", str(mnt / "src/app.py")], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == sample.files["src/app.py"]
+    listing = subprocess.run([*as_nobody, "ls", str(mnt / "src")], capture_output=True, text=True)
+    assert "app.py" in listing.stdout.split()
+    denied = subprocess.run([*as_nobody, "touch", str(mnt / "src/app.py")], capture_output=True)
+    assert denied.returncode != 0
 
 
 def test_git_status_inside_the_mount_fetches_nothing(afs: Artifactfs, git_daemon: GitDaemon, served_many: SampleRepo) -> None:

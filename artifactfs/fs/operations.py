@@ -84,10 +84,13 @@ class TreeFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, gate: Gate, overlay: Overlay, *, fsname: str = "artifactfs") -> None:
+    overlay: Overlay  # given at construction, or by use_overlay before the session serves anything
+    fsmonitor: Answers
+
+    def __init__(self, gate: Gate, overlay: Overlay | None, *, fsname: str = "artifactfs",
+                 owner: tuple[int, int] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.gate = gate
-        self.overlay = overlay
         self.fsname = fsname
         self.snapshot: Snapshot | None = None
         # Every live node, of the commit shown and of earlier ones still in use. Inode numbers are
@@ -100,8 +103,17 @@ class TreeFS(pyfuse3.Operations):
         self._blob_cache: OrderedDict[str, bytes] = OrderedDict()
         self.held: Counter[int] = Counter()  # content files open in handles, by id
         self.doomed: set[int] = set()  # content files no entry refers to, deleted at their last close
+        # Whose every file is: the mount owner's, or the repository's owner (add-repo --owner),
+        # whose git refuses a work tree another user owns.
+        self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
+        if overlay is not None:
+            self.use_overlay(overlay)
+
+    def use_overlay(self, overlay: Overlay) -> None:
+        """The overlay every change lands in. A repository with an owner opens it only once the
+        mount process has become the owner (root must never open what the owner can change)."""
+        self.overlay = overlay
         self.fsmonitor = Answers(overlay)
-        self.uid, self.gid = os.getuid(), os.getgid()
 
     # --- what is shown ---
 
