@@ -100,6 +100,11 @@ class Hydrator:
         self._absent.add(oid)
         return False
 
+    def known_present(self, oid: str) -> bool:
+        """Whether `oid` is known to be here, without asking the object store (a miss there
+        rescans the pack directory: too dear for every entry of a directory listing)."""
+        return oid in self._present
+
     def is_pending(self, oid: str) -> bool:
         """Whether `oid` is queued for, or in, a batch already."""
         return oid in self._queued or oid in self._in_flight

@@ -372,7 +372,7 @@ class TreeFS(pyfuse3.Operations):
     def _data_size(self, data: int) -> int:
         return os.stat(self.overlay.data_path(data)).st_size
 
-    def _known_size(self, node: Node) -> int | None:
+    def _known_size(self, node: Node, *, probe: bool = True) -> int | None:
         if node.kind is Kind.DOTGIT:
             return len(node.snap.dotgit)
         if node.is_dir:
@@ -384,12 +384,15 @@ class TreeFS(pyfuse3.Operations):
         if node.oid is None:
             return 0
         size = self.sizes.get(node.oid)
-        if size is None and node.snap.hydrator.is_present(node.oid):
+        hydrator = node.snap.hydrator
+        if size is None and (hydrator.is_present(node.oid) if probe else hydrator.known_present(node.oid)):
             size = self.sizes[node.oid] = self._object(node.snap, node.oid).size
         return size
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        size = self._known_size(node)
+    def _attr(self, node: Node, *, probe: bool = True) -> pyfuse3.EntryAttributes:
+        """The node's attributes; unless `probe`, a blob's size only if it is known to be here
+        already (an unknown size costs nothing: the kernel asks getattr before it relies on it)."""
+        size = self._known_size(node, probe=probe)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
@@ -666,7 +669,8 @@ class TreeFS(pyfuse3.Operations):
                 if child is None:
                     continue  # removed since the listing began
                 made.append(child)
-                if not pyfuse3.readdir_reply(token, names[index], self._attr(child), index + 1):
+                # A listing (git's walk for untracked files) needs names and types, not sizes.
+                if not pyfuse3.readdir_reply(token, names[index], self._attr(child, probe=False), index + 1):
                     break
                 accepted += 1
         except BaseException:
