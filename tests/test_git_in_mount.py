@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Artifactfs, new_installation
-from .gitremote import GitDaemon, SampleRepo, make_sample_repo
+from .gitremote import GitDaemon, SampleRepo, add_commit, make_sample_repo
 from .test_mount import present_blobs
 
 # Fixed identities and dates: the same commit made in both places has the same id.
@@ -45,6 +45,8 @@ def tree_of(root: Path) -> dict[str, tuple[str, bytes]]:
                 found[rel] = ("link", os.readlink(path).encode())
             elif stat.S_ISDIR(mode):
                 found[rel] = ("dir", b"")
+            elif name == ".git":  # a worktree's: it names its git directory, which differs
+                found[rel] = ("gitfile", b"")
             else:
                 found[rel] = ("exec" if mode & stat.S_IXUSR else "file", path.read_bytes())
     return found
@@ -169,3 +171,62 @@ def test_editing_one_file_hydrates_that_blob_only(both: tuple[Both, Artifactfs, 
     assert git(pair.mnt, "status", "--porcelain") == " M src/lib/util.py\n"
     assert git(pair.mnt, "diff", "--stat") == " src/lib/util.py | 1 +\n 1 file changed, 1 insertion(+)\n"
     assert present_blobs(git_dir) == edited
+
+
+def commit_file(path: str, content: bytes, message: str) -> Callable[[Path], None]:
+    def act(root: Path) -> None:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(content)
+        git(root, "add", path)
+        git(root, "commit", "-q", "-m", message)
+
+    return act
+
+
+def test_rebase_and_cherry_pick_match_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, _ = both
+    pair.git("switch", "-q", "-c", "topic")
+    pair.do(commit_file("src/topic.py", b"TOPIC = 1\n", "Topic one"))
+    pair.do(commit_file("src/app.py", b"print('topic')\n", "Topic rewrites app"))
+    pair.git("switch", "-q", "main")
+    pair.do(commit_file("docs/guide.md", b"# guide\n", "Main moves on"))
+    pair.git("switch", "-q", "topic")
+    pair.git("rebase", "-q", "main")  # rewrites the files the work tree holds, commit by commit
+    pair.same("git rebase main")
+    pair.git("log", "--format=%H %s", "main..topic")
+    pair.git("switch", "-q", "main")
+    pair.git("cherry-pick", "topic~1")
+    pair.same("git cherry-pick")
+
+
+def test_pull_and_push_match_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, sample = both
+    upstream = add_commit(sample, {"src/app.py": b"print('upstream')\n", "NEWS": b"news\n", "empty.txt": None},
+                          "Upstream moves on")  # fmt: skip
+    pair.git("pull", "-q", "--ff-only", "origin", "main")
+    pair.same("git pull --ff-only")
+    assert git(pair.mnt, "rev-parse", "HEAD").strip() == upstream
+    assert (pair.mnt / "NEWS").read_bytes() == b"news\n" and not (pair.mnt / "empty.txt").exists()
+    pair.do(commit_file("src/mine.py", b"MINE = 1\n", "Mine"))
+    for root, branch in ((pair.plain, "from-plain"), (pair.mnt, "from-mount")):
+        git(root, "push", "-q", str(sample.bare), f"HEAD:refs/heads/{branch}")
+    remote = {branch: git(sample.bare, "rev-parse", branch).strip() for branch in ("from-plain", "from-mount")}
+    assert remote["from-mount"] == remote["from-plain"] == git(pair.mnt, "rev-parse", "HEAD").strip()
+
+
+def test_worktree_add_matches_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo], tmp_path: Path) -> None:
+    pair, _, _ = both
+    pair.git("branch", "side")
+    outside = {pair.plain: tmp_path / "wt-plain", pair.mnt: tmp_path / "wt-mount"}
+    for root, where in outside.items():
+        git(root, "worktree", "add", "-q", str(where), "side")
+    assert tree_of(outside[pair.mnt]) == tree_of(outside[pair.plain])
+    assert git(outside[pair.mnt], "status", "--porcelain") == git(outside[pair.plain], "status", "--porcelain") == ""
+    pair.git("worktree", "add", "-q", "-b", "inner", "wt2")  # a worktree inside the work tree
+    pair.same("git worktree add inside the mount")
+    pair.do(lambda root: (root / "wt2/README.md").write_bytes(b"edited in the inner worktree\n"))
+    for root in (pair.plain, pair.mnt):
+        git(root / "wt2", "commit", "-q", "-a", "-m", "Inner edit")
+    assert git(pair.mnt / "wt2", "status", "--porcelain") == git(pair.plain / "wt2", "status", "--porcelain") == ""
+    pair.git("log", "--format=%H %s", "inner", "-1")
+    pair.same("a commit in the inner worktree")
