@@ -8,6 +8,8 @@ import errno
 import os
 import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from .conftest import Artifactfs, new_installation, sample_mounted, wait_until
 from .gitremote import SampleRepo
+from .test_drills import HEADROOM, filled, small  # noqa: F401  (small: the fixture)
 from .test_mount import present_blobs
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -188,3 +191,69 @@ def test_what_was_fsynced_survives_a_killed_mount_process(tmp_path: Path, sample
         assert not (mnt / "src").exists() and (mnt / "source/app.py").read_bytes() == sample.files["src/app.py"]
     finally:
         afs.cleanup()
+
+
+HOLDER = """
+import os, sys, time
+mnt = sys.argv[1]
+with open(os.path.join(mnt, "closed.txt"), "wb") as fh:
+    fh.write(b"closed before the restart\\n")
+with open(os.path.join(mnt, "src/app.py"), "ab") as fh:
+    fh.write(b"# appended and closed\\n")
+still_open = open(os.path.join(mnt, "open.txt"), "wb", buffering=0)
+still_open.write(b"written, never closed\\n")
+tracked = open(os.path.join(mnt, "README.md"), "r+b", buffering=0)
+tracked.write(b"OVER")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_clean_restart_with_files_open_loses_nothing_that_was_closed(tmp_path: Path, sample: SampleRepo) -> None:
+    afs = new_installation(tmp_path)
+    holder = None
+    try:
+        afs.add("clean", sample.url)
+        afs.start_daemon()
+        mnt = afs.wait_mounted("clean")
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(mnt)], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        server = afs.wait_mount_process("clean")
+        os.kill(server, signal.SIGTERM)  # a clean stop, with four files open
+        wait_until(lambda: afs.mount_process("clean") not in (None, server), 30, what="mountd to remount")
+        mnt = afs.wait_mounted("clean")
+        wait_until(lambda: (mnt / "closed.txt").exists(), what="the remounted tree")
+        assert (mnt / "closed.txt").read_bytes() == b"closed before the restart\n"
+        assert (mnt / "src/app.py").read_bytes() == sample.files["src/app.py"] + b"# appended and closed\n"
+        # What was written through handles still open was in the overlay too (every write is).
+        assert (mnt / "open.txt").read_bytes() == b"written, never closed\n"
+        assert (mnt / "README.md").read_bytes() == b"OVER" + sample.files["README.md"][4:]
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        afs.cleanup()
+
+
+def test_a_full_disk_fails_a_write_with_enospc_and_corrupts_nothing(small: Artifactfs, sample: SampleRepo) -> None:
+    afs, top = small, small.root.parent
+    afs.add("full", sample.url)
+    afs.start_daemon()
+    mnt = afs.wait_mounted("full")
+    (mnt / "before.txt").write_bytes(b"written before the disk filled\n")
+    readme = (mnt / "README.md").read_bytes()
+    with filled(top, leave=HEADROOM):
+        with pytest.raises(OSError) as failed:
+            with open(mnt / "big.bin", "wb", buffering=0) as fh:
+                for _ in range(4 * HEADROOM // 65536):
+                    fh.write(b"\xa5" * 65536)
+        assert failed.value.errno == errno.ENOSPC  # not EIO: the caller can tell what happened
+        # The mount still serves, and what was there is intact.
+        assert (mnt / "before.txt").read_bytes() == b"written before the disk filled\n"
+        assert (mnt / "README.md").read_bytes() == readme
+        assert "big.bin" in os.listdir(mnt)  # what was written before the disk filled stays
+    (mnt / "big.bin").unlink()
+    (mnt / "after.txt").write_bytes(b"space again\n")
+    assert (mnt / "after.txt").read_bytes() == b"space again\n"
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=mnt, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout == "?? after.txt\n?? before.txt\n", status.stderr
