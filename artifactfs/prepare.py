@@ -11,6 +11,7 @@ for a blocking `add-repo` and inside a worker's prepare job; callers hold the re
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import Settings
-from .fs.fsmonitor import add_fsmonitor_extension, base_token, hook_command
+from .fs.fsmonitor import add_index_extensions, base_token, fsmonitor_extension, hook_command
+from .fs.untracked_cache import PER_DIRECTORY_EXCLUDES, tree_of_directories, untracked_extension
 from .gitstore import BATCH_FETCH_ARGS, PREPARE_REFLOG_MESSAGE, clone_blobless, git_env, remove_abandoned_packs, run_git
 from .model import (
     EventType,
@@ -134,23 +136,48 @@ def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> 
     raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
 
 
-def write_index(git_dir: Path, head: str) -> None:
-    """An index of the commit's tree, every entry valid for git's file system monitor.
+def write_index(git_dir: Path, head: str, work_tree: Path) -> None:
+    """An index of the commit's tree, every entry valid for git's file system monitor, and the
+    untracked cache of a work tree with no untracked file.
 
     read-tree needs only trees, which a blobless clone has. The index holds no stat data that
     matches the mount, so without help git would stat and hash every tracked file, downloading
     the whole repository for one `git status`. Only the overlay can change a mounted tree, and
     the mount tells git's fsmonitor hook every path it changed (fs/fsmonitor.py): so the index
     starts with every entry valid and a token that asks the mount what changed since this
-    commit. The untracked cache, also led by the monitor, spares later statuses the walk of
-    every directory.
+    commit. The untracked cache (fs/untracked_cache.py), led by the same hook, spares the first
+    status the walk of every directory, and the later ones all but the directories that changed.
     """
     # No monitor while the index is made here: read-tree would ask the hook, from no work tree.
     run_git(["-c", "core.fsmonitor=false", "read-tree", head], git_dir=git_dir)
     run_git(["config", "core.fsmonitor", hook_command()], git_dir=git_dir)
     run_git(["config", "core.untrackedCache", "true"], git_dir=git_dir)
     object_format = run_git(["rev-parse", "--show-object-format"], git_dir=git_dir).stdout.decode().strip()
-    add_fsmonitor_extension(git_dir / "index", base_token(head), object_format)
+    entries = tree_entries(git_dir, head)
+    directories = [path for kind, _, path in entries if kind == b"tree"]
+    gitignores = {parent(path): bytes.fromhex(oid.decode()) for kind, oid, path in entries
+                  if kind == b"blob" and path.rsplit(b"/", 1)[-1] == PER_DIRECTORY_EXCLUDES}  # fmt: skip
+    untracked = untracked_extension(
+        Path(os.path.realpath(work_tree)),
+        tree_of_directories(directories, gitignores, [path for kind, _, path in entries if kind == b"commit"]),
+        info_exclude=excludes_hash(git_dir / "info" / "exclude", object_format),
+        hash_size=hashlib.new(object_format).digest_size,
+    )
+    add_index_extensions(git_dir / "index", [fsmonitor_extension(base_token(head)), untracked], object_format)
+
+
+def excludes_hash(path: Path, object_format: str) -> bytes | None:
+    """The hash git gives an excludes file (its content and one more newline), or None if absent."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    header = f"blob {len(content) + 1}\0".encode()
+    return hashlib.new(object_format, header + content + b"\n").digest()
+
+
+def parent(path: bytes) -> bytes:
+    return path.rsplit(b"/", 1)[0] if b"/" in path else b""
 
 
 # What git itself reads from the work tree for a status (ignore rules, attributes, submodules): in a
@@ -159,18 +186,24 @@ STATUS_NAMES = frozenset({b".gitignore", b".gitattributes"})  # at any depth
 STATUS_TOP_LEVEL = frozenset({b".gitmodules"})
 
 
-def status_blobs(git_dir: Path, head: str) -> list[str]:
-    """The blob ids at `head` that `git status` reads: every .gitignore and .gitattributes, and
-    .gitmodules at the top. Trees only: a blobless clone answers without fetching."""
-    out = run_git(["ls-tree", "-r", "-z", "--full-tree", head], git_dir=git_dir).stdout
-    wanted = []
+def tree_entries(git_dir: Path, head: str) -> list[tuple[bytes, bytes, bytes]]:
+    """(type, id, path) of every tree, blob and submodule of the commit. Trees only: a blobless
+    clone answers without fetching."""
+    out = run_git(["ls-tree", "-r", "-t", "-z", "--full-tree", head], git_dir=git_dir).stdout
+    found = []
     for entry in out.split(b"\0"):
         meta, _, path = entry.partition(b"\t")
         fields = meta.split()
-        if len(fields) == 3 and fields[1] == b"blob":
-            if path.rsplit(b"/", 1)[-1] in STATUS_NAMES or path in STATUS_TOP_LEVEL:
-                wanted.append(fields[2].decode())
-    return wanted
+        if len(fields) == 3:
+            found.append((fields[1], fields[2], path))
+    return found
+
+
+def status_blobs(git_dir: Path, head: str) -> list[str]:
+    """The blob ids at `head` that `git status` reads: every .gitignore and .gitattributes, and
+    .gitmodules at the top."""
+    return [oid.decode() for kind, oid, path in tree_entries(git_dir, head)
+            if kind == b"blob" and (path.rsplit(b"/", 1)[-1] in STATUS_NAMES or path in STATUS_TOP_LEVEL)]  # fmt: skip
 
 
 def fetch_status_blobs(git_dir: Path, head: str, env: dict[str, str]) -> int:
@@ -278,7 +311,8 @@ class Preparation:
             head = self._clone(git_dir)
         self.phase(Phase.INDEX)
         env = git_env(self.credential_file)
-        call_as(owner, lambda: (write_index(git_dir, head), fetch_status_blobs(git_dir, head, env))[1])
+        work_tree = Path(repo.mount_path)
+        call_as(owner, lambda: (write_index(git_dir, head, work_tree), fetch_status_blobs(git_dir, head, env))[1])
         self.phase(Phase.PUBLISH)
         self._record(NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
         return head

@@ -2,6 +2,7 @@
 both, and status, diff, the resulting trees, refs and files are compared after it."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Artifactfs, new_installation
+from .conftest import Artifactfs, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, add_commit, make_sample_repo
 from .test_mount import present_blobs
 
@@ -230,3 +231,55 @@ def test_worktree_add_matches_a_plain_clone(both: tuple[Both, Artifactfs, Sample
     assert git(pair.mnt / "wt2", "status", "--porcelain") == git(pair.plain / "wt2", "status", "--porcelain") == ""
     pair.git("log", "--format=%H %s", "inner", "-1")
     pair.same("a commit in the inner worktree")
+
+
+def directories_opened(root: Path, *args: str) -> tuple[str, int]:
+    """git's output, and how many directories it opened looking for untracked files (trace2)."""
+    trace = root.parent / f"trace-{os.getpid()}-{len(args)}.json"
+    trace.unlink(missing_ok=True)
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV, "GIT_TRACE2_EVENT": str(trace), "GIT_TRACE2_EVENT_NESTING": "10"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    opened = [int(event["value"]) for event in map(json.loads, trace.read_text().splitlines())
+              if event.get("event") == "data" and event.get("key") == "opendir"]  # fmt: skip
+    trace.unlink()
+    return proc.stdout, sum(opened)
+
+
+def test_the_first_status_walks_no_directory_and_still_sees_new_files(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    """Preparation writes the untracked cache of a tree with no untracked file: the first status
+    opens no directory, and files made later are found all the same."""
+    pair, _, _ = both
+    status, opened = directories_opened(pair.mnt, "status", "--porcelain")
+    assert status == "" and opened == 0
+    for root in (pair.plain, pair.mnt):
+        (root / "src/lib/new.py").write_bytes(b"NEW = 1\n")
+        (root / "fresh/deeper").mkdir(parents=True)
+        (root / "fresh/deeper/x.txt").write_bytes(b"x\n")
+        (root / "build.o").write_bytes(b"\0")  # ignored by the sample's .gitignore, or not: as in the clone
+    status, opened = directories_opened(pair.mnt, "status", "--porcelain")
+    assert status == git(pair.plain, "status", "--porcelain") and "?? src/lib/new.py" in status
+    assert 0 < opened < 10  # the directories the hook named, not every one
+    pair.same("new files after the first status")
+
+
+def test_a_refresh_keeps_untracked_files_in_sight(tmp_path: Path, git_daemon: GitDaemon) -> None:
+    """A new preparation writes a fresh untracked cache that knows of no untracked file; the hook
+    names what the overlay holds, so git looks there again."""
+    sample = make_sample_repo(git_daemon.base, "refreshed")
+    afs = new_installation(tmp_path / "afs")
+    try:
+        afs.up()
+        afs.add("refreshed", git_daemon.url("refreshed.git"))
+        mnt = afs.wait_mounted("refreshed")
+        (mnt / "src/lib/mine.py").write_bytes(b"MINE = 1\n")
+        (mnt / "scratch").mkdir()
+        (mnt / "scratch/notes.txt").write_bytes(b"notes\n")
+        assert git(mnt, "status", "--porcelain") == "?? scratch/\n?? src/lib/mine.py\n"
+        newer = add_commit(sample, {"NEWS": b"news\n"}, "News")
+        afs.run("prepare", "--name", "refreshed")
+        wait_until(lambda: afs.describe_mount("refreshed")["head"] == newer, 60, interval=0.1, what="the refresh")
+        assert (mnt / "NEWS").read_bytes() == b"news\n"
+        assert git(mnt, "status", "--porcelain") == "?? scratch/\n?? src/lib/mine.py\n"
+    finally:
+        afs.cleanup()

@@ -164,16 +164,15 @@ def fsmonitor_extension(token: str) -> bytes:
     return b"FSMN" + struct.pack(">I", len(body)) + body
 
 
-def add_fsmonitor_extension(index: Path, token: str, object_format: str = "sha1") -> None:
-    """Append an FSMN extension to an index that has none, and seal it again (its trailer is
-    the hash of everything before it). git then trusts every entry until the hook says a path
-    changed, so a status stats and hashes only what the overlay holds."""
-    digest = hashlib.new(object_format)
-    size = digest.digest_size
+def add_index_extensions(index: Path, extensions: list[bytes], object_format: str = "sha1") -> None:
+    """Append extensions (an FSMN extension: git then trusts every entry until the hook says a
+    path changed, so a status stats and hashes only what the overlay holds) to an index that has
+    none of them, and seal it again (its trailer is the hash of everything before it)."""
+    size = hashlib.new(object_format).digest_size
     content = index.read_bytes()
     if content[:4] != b"DIRC":
         raise ValueError(f"{index} is not a git index")
-    body = content[:-size] + fsmonitor_extension(token)
+    body = content[:-size] + b"".join(extensions)
     tmp = index.with_name(index.name + ".artifactfs")
     tmp.write_bytes(body + hashlib.new(object_format, body).digest())
     tmp.replace(index)
