@@ -1,7 +1,7 @@
 """git's fsmonitor protocol (hook version 2) for a mount: which paths changed since a token.
 
 Only the overlay can change a mounted tree, so the mount knows every path that may differ from
-the commit shown. git asks through its fsmonitor hook (fsmonitor_hook.py, configured as
+the commit shown. git asks through its fsmonitor hook (fsmonitor_hook.sh, configured as
 core.fsmonitor), which reads the answer from the mount as an extended attribute of its root:
 `user.artifactfs.fsmonitor:<token>:<page>`. The kernel checks that the asker may read the mount,
 so the answer needs no other authentication, and it comes from the one process that knows it.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import shlex
 import struct
-import sys
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ PAGE_BYTES = 60_000  # under XATTR_SIZE_MAX (64 KiB) with room for the page coun
 KEPT_ANSWERS = 8
 TOKEN_VERSION = "afs1"
 TRIVIAL = b"/\0"  # "no information": git checks everything
-HOOK = Path(__file__).with_name("fsmonitor_hook.py")
+HOOK = Path(__file__).with_name("fsmonitor_hook.sh")
 
 
 def base_token(commit: str) -> str:
@@ -180,4 +179,4 @@ def add_index_extensions(index: Path, extensions: list[bytes], object_format: st
 
 def hook_command() -> str:
     """core.fsmonitor: git runs it through the shell, with the version and token appended."""
-    return f"{shlex.quote(sys.executable)} -S -E {shlex.quote(str(HOOK))}"
+    return f"sh {shlex.quote(str(HOOK))}"
