@@ -283,3 +283,20 @@ def test_a_refresh_keeps_untracked_files_in_sight(tmp_path: Path, git_daemon: Gi
         assert git(mnt, "status", "--porcelain") == "?? scratch/\n?? src/lib/mine.py\n"
     finally:
         afs.cleanup()
+
+
+@pytest.mark.xfail(strict=True, reason="git's cache-tree repair after a checkout (and before a commit) prefetches "
+                   "every blob of the index that is not here, in a second transaction: see Known limits")
+def test_a_checkout_of_another_commit_fetches_in_one_transaction(both: tuple[Both, Artifactfs, SampleRepo],
+                                                                git_daemon: GitDaemon) -> None:  # fmt: skip
+    pair, _, sample = both
+    changed = {f"src/gen/module{n:02d}.py": b"N = %d\n" % n for n in range(20)}
+    add_commit(sample, {**changed, "README.md": b"other readme\n"}, "Twenty-one files", branch="other")
+    pair.git("fetch", "-q", "origin", "other:other")  # trees and commits only: blobless
+    before = git_daemon.fetch_count("both.git")
+    pair.git("checkout", "-q", "other")
+    fetched = git_daemon.fetch_count("both.git") - before
+    pair.same("git checkout of another commit")
+    # The plain clone has every blob; the mount's git fetches the 21 it writes, in one batch (and
+    # today, in a second one, every other blob of the index it does not have).
+    assert fetched == 1
