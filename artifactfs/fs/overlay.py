@@ -144,7 +144,10 @@ class Overlay:
             yield self.conn
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk at COMMIT): a second ROLLBACK would
+            # fail and hide the error that matters (SQLITE_FULL, which the caller gets as ENOSPC).
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
 
     # --- reading ---
