@@ -252,6 +252,14 @@ def test_a_full_disk_fails_a_write_with_enospc_and_corrupts_nothing(small: Artif
         assert (mnt / "before.txt").read_bytes() == b"written before the disk filled\n"
         assert (mnt / "README.md").read_bytes() == readme
         assert "big.bin" in os.listdir(mnt)  # what was written before the disk filled stays
+        # Changes of names need room in the overlay's records too: they fail whole, with ENOSPC.
+        names = sorted(os.listdir(mnt))
+        for change in (lambda: (mnt / "new-dir").mkdir(), lambda: (mnt / "new.txt").write_bytes(b""),
+                       lambda: (mnt / "big.bin").unlink()):  # fmt: skip
+            with pytest.raises(OSError) as refused:
+                change()
+            assert refused.value.errno == errno.ENOSPC
+        assert sorted(os.listdir(mnt)) == names  # nothing half made
     (mnt / "big.bin").unlink()
     (mnt / "after.txt").write_bytes(b"space again\n")
     assert (mnt / "after.txt").read_bytes() == b"space again\n"
