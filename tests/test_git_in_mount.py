@@ -23,8 +23,14 @@ GIT_ENV = {
 }  # fmt: skip
 
 
+def run_git(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # core.editor: a rebase or cherry-pick that goes on after a conflict keeps its message.
+    return subprocess.run(["git", "-c", "core.editor=true", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV})  # fmt: skip
+
+
 def git(cwd: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
+    proc = run_git(cwd, *args)
     if check and proc.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} in {cwd} failed: {proc.stderr}")
     return proc.stdout
@@ -42,12 +48,12 @@ def tree_of(root: Path) -> dict[str, tuple[str, bytes]]:
             path = Path(dirpath) / name
             rel = str(rel_dir / name)
             mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
+            if name == ".git":  # a worktree's link to its git directory: a path of its own
+                found[rel] = ("gitfile", b"")
+            elif stat.S_ISLNK(mode):
                 found[rel] = ("link", os.readlink(path).encode())
             elif stat.S_ISDIR(mode):
                 found[rel] = ("dir", b"")
-            elif name == ".git":  # a worktree's: it names its git directory, which differs
-                found[rel] = ("gitfile", b"")
             else:
                 found[rel] = ("exec" if mode & stat.S_IXUSR else "file", path.read_bytes())
     return found
@@ -66,6 +72,14 @@ class Both:
     def git(self, *args: str) -> None:
         outputs = [git(root, *args) for root in (self.plain, self.mnt)]
         assert outputs[0] == outputs[1], f"git {' '.join(args)}: {outputs}"
+
+    def fails(self, *args: str, says: str) -> None:
+        """A git command that must fail, the same way in both (a conflict, a refused fast-forward)."""
+        procs = [run_git(root, *args) for root in (self.plain, self.mnt)]
+        codes = [p.returncode for p in procs]
+        assert codes[0] == codes[1] != 0, f"git {' '.join(args)}: {codes} {[p.stderr for p in procs]}"
+        assert procs[0].stdout == procs[1].stdout, f"git {' '.join(args)}: {[p.stdout for p in procs]}"
+        assert all(says in p.stdout + p.stderr for p in procs), [p.stdout + p.stderr for p in procs]
 
     def same(self, what: str) -> None:
         for args in (("status", "--porcelain=v1", "--untracked-files=all"), ("diff",), ("diff", "--cached"),
@@ -174,65 +188,6 @@ def test_editing_one_file_hydrates_that_blob_only(both: tuple[Both, Artifactfs, 
     assert present_blobs(git_dir) == edited
 
 
-def commit_file(path: str, content: bytes, message: str) -> Callable[[Path], None]:
-    def act(root: Path) -> None:
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_bytes(content)
-        git(root, "add", path)
-        git(root, "commit", "-q", "-m", message)
-
-    return act
-
-
-def test_rebase_and_cherry_pick_match_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
-    pair, _, _ = both
-    pair.git("switch", "-q", "-c", "topic")
-    pair.do(commit_file("src/topic.py", b"TOPIC = 1\n", "Topic one"))
-    pair.do(commit_file("src/app.py", b"print('topic')\n", "Topic rewrites app"))
-    pair.git("switch", "-q", "main")
-    pair.do(commit_file("docs/guide.md", b"# guide\n", "Main moves on"))
-    pair.git("switch", "-q", "topic")
-    pair.git("rebase", "-q", "main")  # rewrites the files the work tree holds, commit by commit
-    pair.same("git rebase main")
-    pair.git("log", "--format=%H %s", "main..topic")
-    pair.git("switch", "-q", "main")
-    pair.git("cherry-pick", "topic~1")
-    pair.same("git cherry-pick")
-
-
-def test_pull_and_push_match_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
-    pair, _, sample = both
-    upstream = add_commit(sample, {"src/app.py": b"print('upstream')\n", "NEWS": b"news\n", "empty.txt": None},
-                          "Upstream moves on")  # fmt: skip
-    pair.git("pull", "-q", "--ff-only", "origin", "main")
-    pair.same("git pull --ff-only")
-    assert git(pair.mnt, "rev-parse", "HEAD").strip() == upstream
-    assert (pair.mnt / "NEWS").read_bytes() == b"news\n" and not (pair.mnt / "empty.txt").exists()
-    pair.do(commit_file("src/mine.py", b"MINE = 1\n", "Mine"))
-    for root, branch in ((pair.plain, "from-plain"), (pair.mnt, "from-mount")):
-        git(root, "push", "-q", str(sample.bare), f"HEAD:refs/heads/{branch}")
-    remote = {branch: git(sample.bare, "rev-parse", branch).strip() for branch in ("from-plain", "from-mount")}
-    assert remote["from-mount"] == remote["from-plain"] == git(pair.mnt, "rev-parse", "HEAD").strip()
-
-
-def test_worktree_add_matches_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo], tmp_path: Path) -> None:
-    pair, _, _ = both
-    pair.git("branch", "side")
-    outside = {pair.plain: tmp_path / "wt-plain", pair.mnt: tmp_path / "wt-mount"}
-    for root, where in outside.items():
-        git(root, "worktree", "add", "-q", str(where), "side")
-    assert tree_of(outside[pair.mnt]) == tree_of(outside[pair.plain])
-    assert git(outside[pair.mnt], "status", "--porcelain") == git(outside[pair.plain], "status", "--porcelain") == ""
-    pair.git("worktree", "add", "-q", "-b", "inner", "wt2")  # a worktree inside the work tree
-    pair.same("git worktree add inside the mount")
-    pair.do(lambda root: (root / "wt2/README.md").write_bytes(b"edited in the inner worktree\n"))
-    for root in (pair.plain, pair.mnt):
-        git(root / "wt2", "commit", "-q", "-a", "-m", "Inner edit")
-    assert git(pair.mnt / "wt2", "status", "--porcelain") == git(pair.plain / "wt2", "status", "--porcelain") == ""
-    pair.git("log", "--format=%H %s", "inner", "-1")
-    pair.same("a commit in the inner worktree")
-
-
 def directories_opened(root: Path, *args: str) -> tuple[str, int]:
     """git's output, and how many directories it opened looking for untracked files (trace2)."""
     trace = root.parent / f"trace-{os.getpid()}-{len(args)}.json"
@@ -300,3 +255,188 @@ def test_a_checkout_of_another_commit_fetches_in_one_transaction(both: tuple[Bot
     # The plain clone has every blob; the mount's git fetches the 21 it writes, in one batch (and
     # today, in a second one, every other blob of the index it does not have).
     assert fetched == 1
+# --- history rewritten, commits brought in, sent out, worked on elsewhere ---
+
+APP = "src/app.py"  # nine lines: a change to the first and one after the last merge cleanly
+UTIL = "src/lib/util.py"
+STATUS = ("status", "--porcelain=v1", "--untracked-files=all")
+
+
+def commit(files: dict[str, bytes | None], message: str, *, mode: dict[str, int] | None = None) -> Callable[[Path], None]:
+    """A step that writes (None: removes) files, changes modes, and commits all of it."""
+
+    def step(root: Path) -> None:
+        for rel, content in files.items():
+            path = root / rel
+            if content is None:
+                path.unlink()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content)
+        for rel, bits in (mode or {}).items():
+            os.chmod(root / rel, bits)
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", message)
+
+    return step
+
+
+def first_line_changed(content: bytes, line: bytes) -> bytes:
+    return line + b"\n" + content.split(b"\n", 1)[1]
+
+
+def test_rebase_onto_a_moved_main_matches_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, sample = both
+    pair.git("switch", "-q", "-c", "topic")
+    pair.do(commit({"topic.txt": b"one\n", UTIL: sample.files[UTIL] + b"# topic\n"}, "Topic one"))
+    pair.do(commit({"topic.txt": b"one\ntwo\n", "empty.txt": None}, "Topic two", mode={"bin/run.sh": 0o644}))
+    pair.git("switch", "-q", "main")
+    pair.do(commit({"docs/main.txt": b"main moved\n", "README.md": b"# main moved\n"}, "Main moves"))
+    pair.git("switch", "-q", "topic")
+    pair.same("going back to the branch")
+    pair.git("rebase", "-q", "main")
+    pair.same("git rebase main")
+    pair.git("log", "--format=%H %P %s", "--name-status", "main^..topic")
+
+
+def test_a_rebase_that_rewrites_files_of_the_work_tree_matches_a_plain_clone(
+    both: tuple[Both, Artifactfs, SampleRepo],
+) -> None:
+    pair, _, sample = both
+    app, util, readme = sample.files[APP], sample.files[UTIL], sample.files["README.md"]
+    pair.git("switch", "-q", "-c", "topic")
+    pair.do(commit({APP: app + b"# topic\n", "README.md": readme + b"topic\n"}, "Topic appends"))
+    pair.do(commit({UTIL: util.replace(b"hello", b"hi")}, "Topic greets"))
+    pair.git("switch", "-q", "main")
+    # The same files changed on main: the rebase merges both into each (and util.py conflicts).
+    pair.do(commit({APP: first_line_changed(app, b"from lib import util  # main"),
+                    "README.md": first_line_changed(readme, b"# main"),
+                    UTIL: util.replace(b"hello", b"hello there")}, "Main changes the same files"))  # fmt: skip
+    pair.git("switch", "-q", "topic")
+    pair.do(lambda root: (root / "src/lib/data.json").write_bytes(b"{}\n"))  # not committed: stashed meanwhile
+    pair.fails("rebase", "--autostash", "main", says=f"CONFLICT (content): Merge conflict in {UTIL}")
+    pair.same("a rebase stopped by a conflict")
+    pair.do(lambda root: (root / UTIL).write_bytes(util.replace(b"hello", b"hi there")))
+    pair.git("add", UTIL)
+    pair.git("rebase", "--continue")
+    pair.same("git rebase --continue")
+    assert (pair.mnt / APP).read_bytes() == first_line_changed(app, b"from lib import util  # main") + b"# topic\n"
+    assert (pair.mnt / "src/lib/data.json").read_bytes() == b"{}\n"
+
+
+def test_cherry_pick_matches_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, sample = both
+    readme = sample.files["README.md"]
+    pair.git("switch", "-q", "-c", "topic")
+    pair.do(commit({"picked/one.txt": b"one\n", UTIL: sample.files[UTIL] + b"# one\n"}, "One"))
+    pair.do(commit({APP: sample.files[APP] + b"# two\n", "empty.txt": None}, "Two", mode={"README.md": 0o755}))
+    pair.do(commit({"README.md": first_line_changed(readme, b"# three")}, "Three"))
+    pair.git("switch", "-q", "main")
+    pair.do(commit({"README.md": first_line_changed(readme, b"# main")}, "Main"))
+    pair.git("cherry-pick", "topic~2")
+    pair.same("git cherry-pick")
+    pair.git("cherry-pick", "--no-commit", "topic~1")
+    pair.same("git cherry-pick --no-commit")
+    pair.git("commit", "-q", "-m", "Two, picked")
+    pair.same("committing what was picked")
+    pair.fails("cherry-pick", "topic", says="CONFLICT (content): Merge conflict in README.md")
+    pair.same("a cherry-pick stopped by a conflict")
+    pair.git("cherry-pick", "--abort")
+    pair.same("git cherry-pick --abort")
+    assert (pair.mnt / "README.md").read_bytes() == first_line_changed(readme, b"# main")
+
+
+def test_pull_ff_only_matches_a_plain_clone(both: tuple[Both, Artifactfs, SampleRepo], tmp_path: Path) -> None:
+    pair, _, sample = both
+    # The remote gains commits after both were cloned, pushed from a third clone.
+    third = tmp_path / "third"
+    git(tmp_path, "clone", "-q", sample.url, str(third))
+    commit({APP: sample.files[APP] + b"# upstream\n", "new/dir/file.txt": b"upstream\n", "empty.txt": None},
+           "Upstream one", mode={"README.md": 0o755})(third)  # fmt: skip
+    commit({"new/dir/file.txt": b"upstream, again\n"}, "Upstream two")(third)
+    git(third, "push", "-q", "origin", "main")
+    pair.do(lambda root: (root / "src/lib/data.json").write_bytes(b"{}\n"))  # a local change the pull keeps
+    pair.git("pull", "-q", "--ff-only")
+    pair.same("git pull --ff-only")
+    pair.git("rev-parse", "origin/main")
+    assert git(pair.mnt, "rev-parse", "HEAD").strip() == git(third, "rev-parse", "HEAD").strip()
+    # Diverged: local and remote commits each. A fast-forward only pull refuses and changes nothing.
+    pair.git("commit", "-q", "-a", "-m", "Local")
+    commit({"new/dir/file.txt": b"upstream, third\n"}, "Upstream three")(third)
+    git(third, "push", "-q", "origin", "main")
+    pair.fails("pull", "-q", "--ff-only", says="Not possible to fast-forward")
+    pair.same("a refused git pull --ff-only")
+    pair.git("rev-parse", "origin/main")
+
+
+def remote_ref(bare: Path, ref: str) -> str:
+    return git(bare, "rev-parse", "--verify", ref).strip()
+
+
+def test_push_from_the_mount_reaches_the_remote(both: tuple[Both, Artifactfs, SampleRepo]) -> None:
+    pair, _, sample = both
+    git(sample.bare, "config", "daemon.receivepack", "true")  # git daemon takes pushes to this repository
+    pair.do(edit)
+    pair.git("add", "-A")
+    pair.git("commit", "-q", "-m", "Made in the sandbox")
+    pair.same("a commit to push")
+    expected = git(pair.plain, "rev-parse", "HEAD").strip()
+    git(pair.mnt, "push", "-q", "origin", "HEAD:refs/heads/sandbox")  # a new branch
+    assert remote_ref(sample.bare, "refs/heads/sandbox") == expected
+    # Everything the commit needs arrived: the remote has all of its objects, and its tree.
+    git(sample.bare, "fsck", "--connectivity-only", "--no-dangling")
+    assert git(sample.bare, "ls-tree", "-r", "sandbox") == git(pair.plain, "ls-tree", "-r", "HEAD")
+    git(pair.mnt, "push", "-q", "origin", "main")  # the branch the remote serves, fast-forward
+    assert remote_ref(sample.bare, "refs/heads/main") == expected
+    git(pair.plain, "fetch", "-q")  # the plain clone learns of it; the mount knows from its push
+    pair.git("status", "--porcelain=v2", "--branch")
+    pair.git("rev-parse", "origin/main")
+    pair.same("git push")
+
+
+def worktrees(root: Path, *paths: Path) -> list[str]:
+    """`git worktree list --porcelain`, each linked worktree's path named by its place in `paths`.
+
+    The main worktree's path is left out: git names it after the common git directory, without
+    its "/.git", so for a mount it names the clone's git directory (git/<name>.git), not the mount.
+    """
+    main, *linked = git(root, "worktree", "list", "--porcelain").strip().split("\n\n")
+    assert main.startswith("worktree "), main
+    for index, path in enumerate(paths):
+        linked = [block.replace(f"worktree {path}\n", f"worktree <{index}>\n") for block in linked]
+    return [main.split("\n", 1)[1], *linked]
+
+
+def test_worktrees_outside_and_inside_the_mount_match_a_plain_clone(
+    both: tuple[Both, Artifactfs, SampleRepo], tmp_path: Path
+) -> None:
+    pair, _, _ = both
+    outside = {pair.plain: tmp_path / "wt-of-plain", pair.mnt: tmp_path / "wt-of-mount"}
+    pair.do(lambda root: git(root, "worktree", "add", "-q", "-b", "elsewhere", str(outside[root]), "HEAD~1"))
+    assert tree_of(outside[pair.mnt]) == tree_of(outside[pair.plain])
+    assert worktrees(pair.mnt, outside[pair.mnt]) == worktrees(pair.plain, outside[pair.plain])
+    pair.do(lambda root: (outside[root] / "README.md").write_bytes(b"changed outside\n"))
+    pair.do(lambda root: (outside[root] / "elsewhere.txt").write_bytes(b"made outside\n"))
+    assert git(outside[pair.mnt], *STATUS) == git(outside[pair.plain], *STATUS) == " M README.md\n?? elsewhere.txt\n"
+    pair.do(lambda root: commit({}, "Outside")(outside[root]))
+    assert tree_of(outside[pair.mnt]) == tree_of(outside[pair.plain])
+    assert git(outside[pair.mnt], *STATUS) == git(outside[pair.plain], *STATUS) == ""
+    pair.same("a commit in a worktree outside")
+    # Inside: a second work tree in the mount itself (its files in the overlay, its git data beside).
+    pair.git("branch", "inner", "elsewhere")
+    pair.git("worktree", "add", "-q", "wt2", "inner")
+    pair.same("git worktree add wt2")
+    inside = {root: root / "wt2" for root in (pair.plain, pair.mnt)}
+    for args in (STATUS, ("rev-parse", "HEAD", "HEAD^{tree}")):
+        assert git(inside[pair.mnt], *args) == git(inside[pair.plain], *args), args
+    pair.do(lambda root: (inside[root] / "src/lib/util.py").write_bytes(b"# changed in wt2\n"))
+    pair.do(lambda root: (inside[root] / "scratch.txt").write_bytes(b"untracked in wt2\n"))
+    for args in (STATUS, ("diff",)):
+        assert git(inside[pair.mnt], *args) == git(inside[pair.plain], *args), args
+    assert git(inside[pair.mnt], *STATUS) == " M src/lib/util.py\n?? scratch.txt\n"
+    pair.do(lambda root: commit({}, "Inside")(inside[root]))
+    pair.same("a commit in wt2")
+    assert git(inside[pair.mnt], *STATUS) == git(inside[pair.plain], *STATUS) == ""
+    pair.git("worktree", "remove", "wt2")
+    pair.same("git worktree remove wt2")
+    assert worktrees(pair.mnt, outside[pair.mnt]) == worktrees(pair.plain, outside[pair.plain])
