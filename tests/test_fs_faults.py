@@ -151,7 +151,7 @@ def test_a_reader_waiting_on_a_hung_fetch_is_freed_by_a_signal(afs: Artifactfs, 
             stop(killed)
         assert interrupted.returncode != 0 and killed.returncode == -signal.SIGKILL
     # The batch went on without its readers until the hung server dropped its connection.
-    wait_until(lambda: "batch fetch of 1 objects failed" in afs.daemon_log(), 15, what="the batch to end")
+    wait_until(lambda: "batch fetch of 1 objects failed" in afs.daemon_log(), 40, what="the batch to end")
     set_remote(afs, "faults", sample.url)  # the remote is back: the same read works, same mount
     assert (mnt / FILE).read_bytes() == sample.files[FILE]
     assert afs.mount_process("faults") == server
