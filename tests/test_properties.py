@@ -54,15 +54,12 @@ LINK_TARGETS = (*NAMES, ".")
 MODES = (0o644, 0o755, 0o600, 0o700)  # the executable bit on and off
 CONTENT = st.binary(max_size=64)
 
-# Every example costs a reset of the mount (about a second) and a whole-tree comparison after
-# every step. A clean restart of the services costs about a second too; a crash of the mount
-# process costs several (the running mountd remounts it at its next full check, up to 5 s on),
-# so only about one example in two may have one. A whole run takes about a minute.
-MAX_RESTARTS = 2  # clean restarts and crashes in one example
+# Every example costs a reset of the mount (about a second), a whole-tree comparison after every
+# step, and a clean restart at its end (about a second). A crash of the mount process costs
+# several (the running mountd remounts it at its next full check, up to 5 s on), so only about
+# one example in two may have one. A whole run takes about a minute.
+MAX_RESTARTS = 1  # clean restarts or crashes in one example, besides the one at its end
 MAX_CRASHES = 1
-# A restart waits for one successful operation, so that it has something to keep; no more, or
-# every shrunk reproduction would be padded with operations it needs only to reach the restart.
-RESTART_AFTER = 1
 SETTINGS = settings(
     max_examples=12,
     stateful_step_count=30,
@@ -81,6 +78,15 @@ class EntryKind(enum.Enum):
     FILE = "file"
     LINK = "link"
     OTHER = "other"  # a device, socket or fifo: neither tree should ever have one
+
+
+class Write(enum.Enum):
+    """The ways the write rule changes a file's content."""
+
+    REPLACE = "replace"  # open with O_CREAT | O_TRUNC, then write: a new file, or a copy-up of nothing
+    APPEND = "append"
+    TRUNCATE = "truncate"  # to a random size, growing it too (a sparse tail)
+    PAST_END = "past the end"  # a write past the end: a sparse hole before what is written
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ def outcome(action: Callable[[], object]) -> str:
     return "ok"
 
 
-def write(path: Path, flags: int, content: bytes) -> None:
+def write_file(path: Path, flags: int, content: bytes) -> None:
     fd = os.open(path, flags, 0o644)
     try:
         os.write(fd, content)
@@ -266,13 +272,28 @@ class MountMatchesPlainDirectory(RuleBasedStateMachine):
         self.restarts = 0
         self.crashes = 0
         self.may_crash = False
-        self.changes = 0  # operations that succeeded: a restart comes after some
+        self.changes = 0  # operations that succeeded since the last restart
+        self.verified = True  # the trees matched after the last step
         self.written: set[str] = set()  # paths written since the last restart, to fsync
         # Where the sample's gitlink is now: it moves along when a directory above it is renamed.
         self.gitlink = next(iter(self.mounted.gitlinks))
 
     def teardown(self) -> None:
-        shutil.rmtree(self.plain, ignore_errors=True)
+        """Restart once more and compare: what the tree shows after every step is partly the
+        mount process's memory, and what the overlay recorded must come back the same. Every
+        example ends so, not only those that drew a restart: with a crash if it may crash and
+        has not, else a clean restart. Not after a failed step (Hypothesis reports that one),
+        nor when nothing changed since the last restart."""
+        try:
+            if self.verified and self.changes:
+                if self.may_crash and self.crashes < MAX_CRASHES:
+                    self._crash()
+                    self._compare("after a crash at the end, ")
+                else:
+                    self._clean_restart()
+                    self._compare("after a clean restart at the end, ")
+        finally:
+            shutil.rmtree(self.plain, ignore_errors=True)
 
     # --- what exists (read from the plain tree, which the mount must match) ---
 
@@ -304,6 +325,7 @@ class MountMatchesPlainDirectory(RuleBasedStateMachine):
     # --- one operation, on both trees ---
 
     def both(self, what: str, action: Callable[[Path], object]) -> str:
+        self.verified = False
         mount_outcome = outcome(lambda: action(self.mounted.mnt))
         plain_outcome = outcome(lambda: action(self.plain))
         assert mount_outcome == plain_outcome, f"{what}: mount {mount_outcome}, plain directory {plain_outcome}"
@@ -317,30 +339,21 @@ class MountMatchesPlainDirectory(RuleBasedStateMachine):
         """About one example in two may crash the mount process (that costs seconds)."""
         self.may_crash = may_crash
 
-    @rule(data=st.data(), content=CONTENT)
-    def write_file(self, data: st.DataObject, content: bytes) -> None:
+    @rule(data=st.data(), how=st.sampled_from(Write), content=CONTENT)
+    def write(self, data: st.DataObject, how: Write, content: bytes) -> None:
         path = self._path(data, "path", EntryKind.FILE)
         self.written.add(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self.both(f"write {path}", lambda root: write(root / path, flags, content))
-
-    @rule(data=st.data(), content=CONTENT)
-    def append(self, data: st.DataObject, content: bytes) -> None:
-        path = self._path(data, "path", EntryKind.FILE)
-        self.written.add(path)
-        self.both(f"append to {path}", lambda root: write(root / path, os.O_WRONLY | os.O_APPEND, content))
-
-    @rule(data=st.data(), size=st.integers(0, 5000))
-    def truncate(self, data: st.DataObject, size: int) -> None:
-        path = self._path(data, "path", EntryKind.FILE)
-        self.written.add(path)
-        self.both(f"truncate {path} to {size}", lambda root: os.truncate(root / path, size))
-
-    @rule(data=st.data(), gap=st.integers(1, 70_000), content=st.binary(min_size=1, max_size=16))
-    def write_past_the_end(self, data: st.DataObject, gap: int, content: bytes) -> None:
-        path = self._path(data, "path", EntryKind.FILE)
-        self.written.add(path)
-        self.both(f"write {gap} past the end of {path}", lambda root: write_past_end(root / path, gap, content))
+        if how is Write.REPLACE:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            self.both(f"replace {path}", lambda root: write_file(root / path, flags, content))
+        elif how is Write.APPEND:
+            self.both(f"append to {path}", lambda root: write_file(root / path, os.O_WRONLY | os.O_APPEND, content))
+        elif how is Write.TRUNCATE:
+            size = data.draw(st.integers(0, 5000), label="size")
+            self.both(f"truncate {path} to {size}", lambda root: os.truncate(root / path, size))
+        else:
+            gap = data.draw(st.integers(1, 70_000), label="gap")
+            self.both(f"write {gap} past the end of {path}", lambda root: write_past_end(root / path, gap, content))
 
     @rule(data=st.data())
     def mkdir(self, data: st.DataObject) -> None:
@@ -398,7 +411,7 @@ class MountMatchesPlainDirectory(RuleBasedStateMachine):
         self.both(f"chmod {mode:o} {path}", lambda root: os.chmod(root / path, mode))
 
     def _may_restart(self) -> bool:
-        return self.restarts < MAX_RESTARTS and self.changes >= RESTART_AFTER
+        return self.restarts < MAX_RESTARTS and self.changes > 0  # something to keep
 
     def _may_crash(self) -> bool:
         return self.may_crash and self.crashes < MAX_CRASHES and self._may_restart()
@@ -406,35 +419,51 @@ class MountMatchesPlainDirectory(RuleBasedStateMachine):
     @precondition(_may_crash)
     @rule()
     def crash(self) -> None:
-        """SIGKILL the mount process; the running mountd mounts it anew, as after a real crash.
-        Every other file written since the last restart is fsync'd first, the rest not: the
-        overlay records each change before the operation returns, so a crash of the mount
-        process loses nothing acknowledged either way (fsync guards against a crash of the
-        machine, which cannot be played here)."""
-        for path in sorted(self.written)[::2]:
-            with suppress(OSError):  # removed or renamed since, or not a file
-                fsync(self.mounted.mnt / path, os.O_RDONLY)
-        self.crashes += 1
-        self._restarted(self.mounted.crash)
+        """SIGKILL the mount process; the running mountd mounts it anew, as after a real crash."""
+        self._crash()
 
     @precondition(_may_restart)
     @rule()
     def clean_restart(self) -> None:
         """The services stopped and started again (`artifactfs down`, then `up`): the mount
         process stops cleanly, and a new one shows what the overlay recorded."""
-        self._restarted(lambda: (self.mounted.stop_services(), self.mounted.start_services()))
+        self._clean_restart()
 
-    def _restarted(self, restart: Callable[[], object]) -> None:
+    def _crash(self) -> None:
+        """Every other file written since the last restart is fsync'd first, the rest not: the
+        overlay records each change before the operation returns, so a crash of the mount
+        process loses nothing acknowledged either way (fsync guards against a crash of the
+        machine, which cannot be played here)."""
+        self.crashes += 1
+        for path in sorted(self.written)[::2]:
+            with suppress(OSError):  # removed or renamed since, or not a file
+                fsync(self.mounted.mnt / path, os.O_RDONLY)
+        self._before_restart()
+        self.mounted.crash()
+
+    def _clean_restart(self) -> None:
+        self._before_restart()
+        self.mounted.stop_services()
+        self.mounted.start_services()
+
+    def _before_restart(self) -> None:
+        self.verified = False
         self.restarts += 1
+        self.changes = 0
         self.written.clear()
-        restart()
 
     # --- after every step ---
 
     @invariant()
     def trees_match(self) -> None:
+        self._compare()
+        self.verified = True
+
+    def _compare(self, when: str = "") -> None:
+        # One assertion for the invariant and the teardown: Hypothesis tells failures apart by
+        # where they are raised, and reports one bug once.
         lines = differences(tree(self.mounted.mnt), tree(self.plain))
-        assert not lines, "the mount and the plain directory differ:\n" + "\n".join(lines)
+        assert not lines, f"{when}the mount and the plain directory differ:\n" + "\n".join(lines)
 
 
 # A passing run takes about a minute; a failing one is shrunk for up to five minutes (Hypothesis's
