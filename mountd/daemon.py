@@ -232,10 +232,18 @@ class MountDaemon:
         if self._resubscribed or worker_online:
             self._resubscribed = False
             self._published.clear()
-        elif position == self._position and not dead and not ended and now - self._last_full < FULL_RECHECK_SECONDS:
+        elif (
+            position == self._position
+            and not dead
+            and not ended
+            and not self._restart_due(now)
+            and now - self._last_full < FULL_RECHECK_SECONDS
+        ):
             return
         self._position, self._last_full = position, now
         repos = {repo.name: repo for repo in self.registry.repos()}
+        for name in set(self._restart_after) - set(repos):
+            del self._restart_after[name]  # removed: nothing to restart
         if not self._orphans_checked:
             self._retire_orphans(repos)
             self._orphans_checked = True
@@ -245,6 +253,11 @@ class MountDaemon:
             if now >= self._restart_after.get(name, 0):
                 self._guarded(name, self._keep_mounted, repo, repos)
             self._guarded(name, self._drive_preparation, repo, ended)
+
+    def _restart_due(self, now: float) -> bool:
+        """A repository without a mount process whose backoff has run out: remount it now, not at
+        the next full check (a user's tree is gone until then)."""
+        return any(name not in self.children and now >= after for name, after in self._restart_after.items())
 
     def _guarded(self, name: str, step: Any, *args: Any) -> None:
         """Run one repository's step; an error costs that repository a retry with backoff."""

@@ -9,10 +9,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from artifactfs.config import load_settings
 from artifactfs.mounts import fuse_mounts
 
 from .conftest import Artifactfs, process_gone, wait_until
@@ -202,3 +204,42 @@ def test_mount_processes_answer_only_their_own_user(afs: Artifactfs, sample: Sam
         capture_output=True, text=True, check=True,
     ).stdout)  # fmt: skip
     assert reply["ok"] and reply["name"] == "owner" and reply["gate"] == "open"
+
+
+class CountingRegistry:
+    """A registry that never changes and counts full reads: a unit test of when mountd looks."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def position(self) -> int:
+        return 7
+
+    def repos(self) -> list[object]:
+        self.reads += 1
+        return []
+
+
+def test_a_restart_whose_backoff_ran_out_does_not_wait_for_the_next_full_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mountd.daemon import MountDaemon
+
+    monkeypatch.setenv("ARTIFACTFS_ROOT", str(tmp_path))
+    registry = CountingRegistry()
+    daemon = MountDaemon(load_settings(), registry)  # type: ignore[arg-type]
+    daemon.reconcile()
+    assert registry.reads == 1
+    daemon.reconcile()
+    assert registry.reads == 1  # nothing changed, and the full check is not due: no pass
+
+    now = time.monotonic()
+    daemon._restart_after["crashed"] = now + 3600  # backing off: still no pass
+    daemon.reconcile()
+    assert registry.reads == 1
+    daemon._restart_after["crashed"] = now - 0.1  # backoff over, nothing mounted: a pass at once
+    daemon.reconcile()
+    assert registry.reads == 2
+    assert "crashed" not in daemon._restart_after  # no longer registered: forgotten, no pass loop
+    daemon.reconcile()
+    assert registry.reads == 2
