@@ -171,7 +171,10 @@ def test_prepare_resets_the_gate_while_a_new_attempt_runs(stack: Artifactfs, slo
     mnt = afs.wait_mounted("again")
     afs.wait_state("again", "mounted")
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
-    new_head = add_commit(sample, {"src/new.py": b"print('new')\n", "README.md": b"changed\n"}, "refresh")
+    for absent in ("NEWS.md", "docs/new.md"):  # looked up while absent: the kernel caches that
+        assert not (mnt / absent).exists()
+    new_head = add_commit(sample, {"src/new.py": b"print('new')\n", "README.md": b"changed\n", "NEWS.md": b"news\n",
+                                   "docs/new.md": b"new\n"}, "refresh")  # fmt: skip
     daemon.hold()  # the new commit's pack waits: the fetch lasts until the test lets it go
     afs.run("prepare", "--name", "again")
     afs.wait_phase("again", "fetch", timeout=20)
@@ -183,6 +186,8 @@ def test_prepare_resets_the_gate_while_a_new_attempt_runs(stack: Artifactfs, slo
     assert "new.py" in listing.join()  # type: ignore[operator]
     assert afs.status("again")["head"] == new_head
     assert (mnt / "README.md").read_bytes() == b"changed\n"  # no stale kernel cache of the old commit
+    assert (mnt / "NEWS.md").read_bytes() == b"news\n"  # nor of its absences
+    assert (mnt / "docs/new.md").read_bytes() == b"new\n"
     assert git("-C", mnt, "rev-parse", "HEAD").stdout.decode().strip() == new_head
 
 

@@ -66,6 +66,10 @@ CACHE_SECONDS = 300.0  # every change passes through the kernel; the gate invali
 SIBLING_BATCH_LIMIT = 2000
 LISTING_FRESH_SECONDS = 2.0
 BLOB_CACHE_ENTRIES = 64
+# Names looked up and found absent, remembered so that the kernel may cache the absence: git
+# looks for a .gitattributes in every directory it reads a .gitignore of, at every status.
+# Past this many, absences are answered without caching (nothing to invalidate later).
+NEGATIVE_ENTRIES_LIMIT = 100_000
 NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -103,6 +107,10 @@ class TreeFS(pyfuse3.Operations):
         self._blob_cache: OrderedDict[str, bytes] = OrderedDict()
         self.held: Counter[int] = Counter()  # content files open in handles, by id
         self.doomed: set[int] = set()  # content files no entry refers to, deleted at their last close
+        # (parent inode, name) the kernel may cache as absent. Any name the kernel itself creates
+        # replaces its cached absence; a name that appears otherwise (a new commit shown) must
+        # have it invalidated, so every one is remembered until then.
+        self.absent: set[tuple[int, bytes]] = set()
         # Whose every file is: the mount owner's, or the repository's owner (add-repo --owner),
         # whose git refuses a work tree another user owns.
         self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -150,6 +158,8 @@ class TreeFS(pyfuse3.Operations):
         for fixed in (root, dotgit):  # the same inodes, shown anew: the kernel's count carries over
             previous = self.nodes.get(fixed.inode)
             fixed.lookups = previous.lookups if previous is not None else 0
+        stale.extend(self.absent)  # a name absent from the old commit may be in the new one
+        self.absent.clear()
         superseded = [node for node in self.nodes.values() if node.inode not in FIXED_INODES]
         self.nodes[root.inode], self.nodes[dotgit.inode] = root, dotgit
         self.snapshot = snap
@@ -703,13 +713,24 @@ class TreeFS(pyfuse3.Operations):
         else:
             node = self._child(parent, name)
         if node is None:
-            raise fuse_error(errno.ENOENT)
+            return self._absence(parent, name)
         try:
             attr = self._attr(node)
         except BaseException:
             self._drop_unless_counted([node])
             raise
         node.lookups += 1
+        return attr
+
+    def _absence(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        """An absent name, which the kernel may cache (an entry with inode 0) until a new commit
+        is shown: a repeated lookup of it then costs no round trip."""
+        if len(self.absent) >= NEGATIVE_ENTRIES_LIMIT:
+            raise fuse_error(errno.ENOENT)
+        self.absent.add((parent.inode, name))
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = 0
+        attr.entry_timeout = CACHE_SECONDS
         return attr
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
