@@ -56,8 +56,8 @@ CONTENT = st.binary(max_size=64)
 
 # Every example costs a reset of the mount (about a second), a whole-tree comparison after every
 # step, and a clean restart at its end (about a second). A crash of the mount process costs
-# several (the running mountd remounts it at its next full check, up to 5 s on), so only about
-# one example in two may have one. A whole run takes about a minute.
+# more (mountd notices it, backs off half a second, then mounts anew), so only about one example
+# in two may have one. A whole run takes about a minute.
 MAX_RESTARTS = 1  # clean restarts or crashes in one example, besides the one at its end
 MAX_CRASHES = 1
 SETTINGS = settings(
