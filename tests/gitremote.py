@@ -45,6 +45,7 @@ __all__ = [
     "SampleRepo",
     "make_sample_repo",
     "make_many_files_repo",
+    "make_deep_tree_repo",
     "add_commit",
     "file_url",
     "git",
@@ -402,6 +403,36 @@ def make_many_files_repo(dest_dir: Path, name: str = "many", files: int = 5000, 
         content[path] = (head + filler * reps)[:file_size]
     fi = _FastImport()
     mark = fi.commit("refs/heads/main", f"Add {files} files\n", BASE_TIME, None, _changes(content))
+    sha = fi.run(bare)[mark]
+    return SampleRepo(bare=bare, head=sha, files=content, executables=set(), symlinks={},
+                      gitlinks={}, branches={"main": sha}, history=[sha])
+
+
+def make_deep_tree_repo(dest_dir: Path, name: str = "deep", shape: tuple[int, ...] = (8, 6, 9),
+                        files_per_dir: int = 7) -> SampleRepo:
+    """Create ``dest_dir/<name>.git`` shaped like a real source tree rather than a flat one:
+    ``shape`` directories at each level (``p0/m1/l2/`` ...), each directory at every level holding
+    ``files_per_dir`` files of sizes from a few bytes to a few KiB (every fifth over 1 KiB), and a
+    ``.gitignore`` in every top directory. The default holds 3,425 files in 488 directories below the top."""
+    bare = Path(dest_dir) / f"{name}.git"
+    _init_bare(bare)
+    filler = b"the quick brown fox jumps over the lazy dog 0123456789\n"
+    content: dict[str, bytes] = {"README.md": f"# {name}\n".encode()}
+    prefixes = ("p", "m", "l", "s", "t")
+    dirs = [""]
+    for level, count in enumerate(shape):
+        dirs += [f"{d}{prefixes[level % len(prefixes)]}{i}/" for d in dirs if d.count("/") == level for i in range(count)]
+    serial = 0
+    for d in dirs[1:]:
+        for f in range(files_per_dir):
+            serial += 1
+            size = 1024 + 37 * (serial % 97) if serial % 5 == 0 else 5 + 13 * (serial % 61)
+            head = f"{d}f{f}.txt #{serial}\n".encode()
+            content[f"{d}f{f}.txt"] = (head + filler * (size // len(filler) + 1))[:size]
+        if d.count("/") == 1:
+            content[f"{d}.gitignore"] = b"*.o\n"
+    fi = _FastImport()
+    mark = fi.commit("refs/heads/main", "A deep tree\n", BASE_TIME, None, _changes(content))
     sha = fi.run(bare)[mark]
     return SampleRepo(bare=bare, head=sha, files=content, executables=set(), symlinks={},
                       gitlinks={}, branches={"main": sha}, history=[sha])

@@ -154,6 +154,33 @@ class Hydrator:
             if pending.error is not None:
                 raise BlobFetchFailed(f"could not fetch {oid}: {pending.error}")
 
+    def prefetch(self, oids: Iterable[str]) -> int:
+        """Queue `oids`, known to be missing, for the next batch without waiting for them (a
+        walk's subtree, the rest of the commit): nobody waits, and asking the object store about
+        each first would cost a rescan of the pack directory per object. Returns how many were
+        queued."""
+        queued = 0
+        for oid in oids:
+            if oid in self._present or oid in self._queued or oid in self._in_flight:
+                continue
+            self._queued[oid] = _Pending()
+            queued += 1
+        if queued:
+            self._wakeup.set()
+        return queued
+
+    async def missing_under(self, tree: str) -> list[str]:
+        """The blobs under `tree` that are not here, from git itself (one process, off the event
+        loop, fetching nothing); [] if git cannot tell."""
+        proc = await trio.run_process(
+            ["git", f"--git-dir={self.git_dir}", "rev-list", "--objects", "--missing=print", tree],
+            capture_stdout=True, capture_stderr=True, check=False, env=self.env,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            log.warning("could not list what is missing under %s: %s", tree, proc.stderr.decode(errors="replace").strip())
+            return []
+        return [line[1:] for line in proc.stdout.decode().splitlines() if line.startswith("?")]
+
     async def _fetch(self, batch: dict[str, _Pending]) -> None:
         started = time.monotonic()
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())

@@ -59,6 +59,7 @@ from .nodes import (
 )
 from .overlay import EntryKind, Overlay, OverlayEntry, parent_of
 from .reconcile import head_commit, moved_by_preparation, plan_move
+from .walks import Scope, WalkWatch, depth
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class TreeFS(pyfuse3.Operations):
         # replaces its cached absence; a name that appears otherwise (a new commit shown) must
         # have it invalidated, so every one is remembered until then.
         self.absent: set[tuple[int, bytes]] = set()
+        self.walks = WalkWatch()  # tells walks of the tree from reads of a few files
         # Whose every file is: the mount owner's, or the repository's owner (add-repo --owner),
         # whose git refuses a work tree another user owns.
         self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -396,8 +398,17 @@ class TreeFS(pyfuse3.Operations):
         size = self.sizes.get(node.oid)
         hydrator = node.snap.hydrator
         if size is None and (hydrator.is_present(node.oid) if probe else hydrator.known_present(node.oid)):
-            size = self.sizes[node.oid] = self._object(node.snap, node.oid).size
+            size = self.sizes[node.oid] = self._header_size(node.snap, node.oid)
         return size
+
+    @staticmethod
+    def _header_size(snap: Snapshot, oid: str) -> int:
+        """A present object's size from its header: a stat must not inflate a large blob."""
+        try:
+            _, size = snap.repo.odb.read_header(oid)
+        except KeyError:
+            raise ObjectMissing(f"object {oid} is missing from the local git directory") from None
+        return int(size)
 
     def _attr(self, node: Node, *, probe: bool = True) -> pyfuse3.EntryAttributes:
         """The node's attributes; unless `probe`, a blob's size only if it is known to be here
@@ -447,12 +458,31 @@ class TreeFS(pyfuse3.Operations):
                     oid = shown.oid
                     if shown.kind in BLOB_KINDS and oid is not None and oid != node.oid and not hydrator.is_present(oid):
                         wanted.append(oid)
+                await self._reach_further(parent)
             parent.misses += 1
         try:
             await hydrator.ensure(dict.fromkeys(wanted), caller_tid)
         except BlobFetchFailed as exc:
             log.error("%s: %s", self.fsname, exc)
             raise fuse_error(errno.EIO) from None
+
+    async def _reach_further(self, directory: Node) -> None:
+        """A batch of `directory` is about to be fetched: if the misses are a walk, queue with it
+        everything missing under the subtree being walked, or at the commit (see walks.py)."""
+        path = self._path(directory)
+        reach = self.walks.reach(path, time.monotonic())
+        if reach.scope is Scope.DIRECTORY:
+            return
+        top = directory
+        for _ in range(depth(path) - depth(reach.path)):
+            top = self.nodes[top.parent]
+        if top.oid is None or top.snap is not directory.snap:
+            return  # a directory the overlay made, or of an older commit: nothing of the base to fetch
+        hydrator = directory.snap.hydrator
+        missing = await hydrator.missing_under(top.oid)
+        queued = hydrator.prefetch(missing)
+        log.info("%s: a walk: %d missing blobs under %s queued (%s)", self.fsname, queued,
+                 reach.path.decode(errors="replace") or "the top", reach.scope.value)  # fmt: skip
 
     @staticmethod
     def _freshly_listed(directory: Node) -> bool:

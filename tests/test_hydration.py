@@ -1,0 +1,128 @@
+"""Hydration at the scale of a real tree: a cold walk of any kind costs a few fetch transactions,
+not one per directory, and shows what a plain checkout shows; names cost none.
+
+A real git daemon serves a tree shaped like a source repository (3,425 files in 488 directories,
+three levels deep); every walk runs in a mount of its own, cold, and in a plain clone, and the
+transactions are the packs the daemon served.
+"""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import Artifactfs, new_installation
+from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo
+
+MAX_WALK_TRANSACTIONS = 10
+
+
+@dataclass
+class Served:
+    afs: Artifactfs
+    daemon: GitDaemon
+    repo: SampleRepo
+    plain: Path
+    names: list[str]  # registrations made so far
+
+    def cold_mount(self, name: str) -> Path:
+        """A new registration of the tree: a mount in which no file's content was read yet."""
+        self.afs.add(name, self.daemon.url("deep.git"))
+        self.names.append(name)
+        return self.afs.wait_mounted(name)
+
+    def transactions(self, action: Callable[[], object]) -> int:
+        before = self.daemon.fetch_count("deep.git")
+        action()
+        return self.daemon.fetch_count("deep.git") - before
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    base = tmp_path_factory.mktemp("hydration")
+    remotes = base / "served"
+    remotes.mkdir()
+    repo = make_deep_tree_repo(remotes, "deep")
+    plain = base / "plain"
+    git("clone", "-q", str(repo.bare), str(plain))
+    afs = new_installation(base)
+    with GitDaemon(remotes) as daemon:
+        try:
+            afs.start_daemon()
+            yield Served(afs, daemon, repo, plain, [])
+        finally:
+            afs.cleanup()
+
+
+def run(cwd: Path, *argv: str) -> str:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, check=True, timeout=300).stdout.decode()
+
+
+def ls_shape(output: str) -> list[str]:
+    """`ls -lR` without what a checkout's file system decides (link counts, directory sizes,
+    block totals, times): type and permissions, and the size of files, by name."""
+    shape = []
+    for line in output.splitlines():
+        fields = line.split()
+        if line.startswith("total ") or not fields:
+            continue
+        if line.startswith("-"):
+            shape.append(f"{fields[0]} {fields[4]} {fields[-1]}")
+        elif line.startswith("d"):
+            shape.append(f"{fields[0]} {fields[-1]}")
+        else:
+            shape.append(line)  # a directory's heading
+    return shape
+
+
+def file_sizes(output: str, files: set[str]) -> list[str]:
+    """The lines of `du -ab` that are files of the tree (directories' sizes are the file system's)."""
+    return sorted(line for line in output.splitlines() if line.split("\t", 1)[1].removeprefix("./") in files)
+
+
+WALKS: dict[str, tuple[tuple[str, ...], Callable[[str, set[str]], list[str]]]] = {
+    "ls -lR": (("ls", "-lR", "--time-style=+"), lambda out, _: ls_shape(out)),
+    # (a plain checkout's .git is a directory, a mount's a file: neither is part of the tree)
+    "grep -r": (("grep", "-r", "-c", "--exclude=.git", "--exclude-dir=.git", "lazy dog", "."), lambda out, _: sorted(out.splitlines())),
+    "find -size +1k": (("find", ".", "-name", ".git", "-prune", "-o", "-size", "+1k", "-print"), lambda out, _: sorted(out.splitlines())),
+    "du -ab": (("du", "-ab", "."), file_sizes),
+}
+
+
+@pytest.mark.parametrize("walk", list(WALKS))
+def test_a_cold_walk_costs_a_few_transactions_and_shows_what_a_checkout_shows(served: Served, walk: str) -> None:
+    argv, shape = WALKS[walk]
+    mnt = served.cold_mount(f"walk{list(WALKS).index(walk)}")
+    files = set(served.repo.files)
+    outputs: list[str] = []
+    count = served.transactions(lambda: outputs.append(run(mnt, *argv)))
+    assert shape(outputs[0], files) == shape(run(served.plain, *argv), files)
+    assert 1 <= count <= MAX_WALK_TRANSACTIONS, f"{walk}: {count} fetch transactions"
+    # Everything the walk needed is here now: the same walk again costs nothing.
+    assert served.transactions(lambda: run(mnt, *argv)) == 0
+
+
+def test_names_cost_no_fetch(served: Served) -> None:
+    mnt = served.cold_mount("names")
+    count = served.transactions(lambda: (
+        run(mnt, "ls", "-R"),
+        run(mnt, "find", ".", "-name", "f3.txt"),
+        run(mnt, "find", ".", "-type", "d"),
+        run(mnt, "git", "ls-files"),
+    ))  # fmt: skip
+    assert count == 0
+    assert sorted(run(mnt, "find", ".", "-name", "f3.txt").split()) == sorted(
+        run(served.plain, "find", ".", "-name", "f3.txt").split())  # fmt: skip
+
+
+def test_reading_a_few_files_fetches_only_their_directories(served: Served) -> None:
+    """An editor's reads are not a walk: they never bring the subtree or the commit."""
+    mnt = served.cold_mount("few")
+    paths = ["p0/f1.txt", "p3/m2/f4.txt", "p5/m1/l7/f2.txt"]
+    count = served.transactions(lambda: [(mnt / p).read_bytes() for p in paths])
+    assert count == len(paths)
+    missing = run(mnt, "git", "rev-list", "--objects", "--missing=print", "HEAD").count("\n?")
+    assert missing >= len(served.repo.files) - 20  # the three, and what preparation fetched
