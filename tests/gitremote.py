@@ -533,6 +533,22 @@ if [ -e "$state/broken" ]; then
     echo "test server: remote marked as broken" >&2
     exit 1
 fi
+if [ -s "$state/hold-large" ]; then
+    # pack-objects reads what to pack on standard input, a line per object wanted: a pack of
+    # more than that many waits, and says so, until the file goes.
+    input=$(mktemp)
+    cat > "$input"
+    if [ "$(wc -l < "$input")" -gt "$(cat "$state/hold-large")" ]; then
+        touch "$state/holding-large"
+        while [ -e "$state/hold-large" ]; do
+            sleep 0.02
+        done
+    fi
+    "$@" < "$input"
+    code=$?
+    rm -f "$input"
+    exit $code
+fi
 exec "$@"
 """
 
@@ -620,6 +636,16 @@ class _PackHook:
             self.hold_file.touch()
         else:
             self.hold_file.unlink(missing_ok=True)
+
+    def set_held_large(self, objects: int | None) -> None:
+        (self.dir / "holding-large").unlink(missing_ok=True)
+        if objects is None:
+            (self.dir / "hold-large").unlink(missing_ok=True)
+        else:
+            (self.dir / "hold-large").write_text(f"{objects}\n")
+
+    def holding_large(self) -> bool:
+        return (self.dir / "holding-large").exists()
 
 
 # --------------------------------------------------------------------------
@@ -757,6 +783,18 @@ class GitDaemon(_PackCountingServer):
 
     def release(self) -> None:
         self._hook.set_held(False)
+
+    def hold_large(self, objects: int) -> None:
+        """Every pack of more than ``objects`` objects waits from now on until
+        ``release_large()``; smaller ones go through."""
+        self._hook.set_held_large(objects)
+
+    def holding_large(self) -> bool:
+        """Whether a large pack is waiting now."""
+        return self._hook.holding_large()
+
+    def release_large(self) -> None:
+        self._hook.set_held_large(None)
 
 
 # --------------------------------------------------------------------------

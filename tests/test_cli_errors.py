@@ -334,3 +334,10 @@ def test_usage_errors_are_one_line_too(afs: Artifactfs) -> None:
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "--help" in lines[0], proc.stderr
     assert not (afs.root / "git").exists() or list((afs.root / "git").iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["1", "two", "-3"])
+def test_a_bad_setting_is_one_line_naming_it_and_how_to_fix_it(afs: Artifactfs, value: str) -> None:
+    afs.env["ARTIFACTFS_FETCH_CONCURRENCY"] = value
+    line = check_refused(afs.run("list-repos", check=False), "ARTIFACTFS_FETCH_CONCURRENCY", ())
+    assert "a count of 2 or more" in line and "fix or unset it" in line

@@ -8,13 +8,14 @@ transactions are the packs the daemon served.
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .conftest import Artifactfs, new_installation
+from .conftest import Artifactfs, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo
 
 MAX_WALK_TRANSACTIONS = 10
@@ -126,3 +127,28 @@ def test_reading_a_few_files_fetches_only_their_directories(served: Served) -> N
     assert count == len(paths)
     missing = run(mnt, "git", "rev-list", "--objects", "--missing=print", "HEAD").count("\n?")
     assert missing >= len(served.repo.files) - 20  # the three, and what preparation fetched
+
+
+def test_a_read_never_waits_behind_a_large_batch(served: Served) -> None:
+    """While a walk's batch of the whole commit is held at the remote, another process's read
+    goes in a small transaction of its own and returns; the walk completes once the batch does."""
+    mnt = served.cold_mount("lanes")
+    served.daemon.hold_large(100)
+    try:
+        walk = subprocess.Popen(["grep", "-r", "-c", "--exclude=.git", "lazy dog", "."], cwd=mnt,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        wait_until(served.daemon.holding_large, 60, what="the walk's large batch to be held at the remote")
+        before = served.daemon.fetch_count("deep.git")
+        path = "p6/m4/l8/f5.txt"
+        read: list[bytes] = []
+        reader = threading.Thread(target=lambda: read.append((mnt / path).read_bytes()), daemon=True)
+        reader.start()
+        wait_until(lambda: bool(read), 30, what="the read to return while the large batch is held")
+        assert read == [served.repo.files[path]]
+        assert served.daemon.fetch_count("deep.git") == before + 1
+        assert walk.poll() is None  # still waiting for its batch
+    finally:
+        served.daemon.release_large()
+    out, _ = walk.communicate(timeout=120)
+    assert walk.returncode == 0
+    assert len(out.splitlines()) == len(served.repo.files)  # a count for every file

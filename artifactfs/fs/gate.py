@@ -50,6 +50,20 @@ def signal_pending(tid: int) -> bool:
     return bool(pending & ~_mask(fields, b"SigBlk"))
 
 
+def process_of(tid: int | None) -> int | None:
+    """The process (thread group) thread `tid` belongs to; None if the server cannot see it."""
+    if not tid or tid <= 0:
+        return None
+    try:
+        with open(f"/proc/{tid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 async def wait_for(event: trio.Event, caller_tid: int | None) -> None:
     """Wait until `event` is set; raise FUSEError(EINTR) if the caller gets a signal first.
 

@@ -5,6 +5,11 @@ joins the next batch: a short window lets concurrent misses gather, then one `gi
 brings them all. Two readers of the same blob share one fetch; a blob already present never
 touches the network.
 
+Two lanes: what a reader waits for goes in small urgent batches, one at a time; what nobody
+waits for yet (a walk's subtree, the rest of the commit) goes in large bulk batches, several of
+which may be in flight beside it. A read never waits behind a bulk batch, unless the batch is
+its own process's walk: that reader wants the whole batch anyway.
+
 No read waits forever on the network: a batch that outlives the fetch deadline is killed, git
 and every process it started (a remote helper holding the connection), and its readers get an
 error. A reader waits on behalf of a caller whose signals end its wait (gate.wait_for); the batch
@@ -13,6 +18,7 @@ goes on for the readers still waiting.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import signal
@@ -45,14 +51,21 @@ class FetchStats:
     failures: int = 0
 
 
+class Lane(enum.Enum):
+    URGENT = "urgent"  # a reader waits for it
+    BULK = "bulk"  # queued ahead of need: a walk's subtree, the rest of the commit
+
+
 class _Pending:
-    """One object some reader waits for; `error` is set if its batch failed."""
+    """One object in a lane; `error` is set if its batch failed; `owner` is the process whose
+    walk queued it (bulk only)."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: int | None = None) -> None:
         self.done = trio.Event()
         self.error: str | None = None
+        self.owner = owner
 
 
 class Hydrator:
@@ -64,6 +77,7 @@ class Hydrator:
         fetch_timeout: float,
         window: float = 0.003,
         max_batch: int = 20000,
+        concurrency: int = 2,
         credential_env: dict[str, str] | None = None,
         on_batch: Callable[[FetchStats], None] | None = None,
         own_git_dir: bool = True,
@@ -84,9 +98,11 @@ class Hydrator:
         self.env = credential_env if credential_env is not None else git_env()
         self.on_batch = on_batch
         self.stats = FetchStats()
-        self._queued: dict[str, _Pending] = {}  # waiting for the next batch
-        self._in_flight: dict[str, _Pending] = {}  # in the batch being fetched now
-        self._wakeup = trio.Event()
+        # Transactions in flight at most: one urgent, the rest bulk (ARTIFACTFS_FETCH_CONCURRENCY).
+        self.concurrency = max(2, concurrency)
+        self._queued: dict[Lane, dict[str, _Pending]] = {lane: {} for lane in Lane}  # for the next batch
+        self._in_flight: dict[Lane, dict[str, _Pending]] = {lane: {} for lane in Lane}  # being fetched
+        self._wakeup = {lane: trio.Event() for lane in Lane}
         self._nursery: trio.Nursery | None = None  # run()'s: cleanups after failed fetches
 
     def is_present(self, oid: str) -> bool:
@@ -107,66 +123,89 @@ class Hydrator:
 
     def is_pending(self, oid: str) -> bool:
         """Whether `oid` is queued for, or in, a batch already."""
-        return oid in self._queued or oid in self._in_flight
+        return any(oid in self._queued[lane] or oid in self._in_flight[lane] for lane in Lane)
 
     async def run(self) -> None:
-        """The batch loop: runs for the life of the mount."""
+        """The batch loops, one urgent and the rest bulk: they run for the life of the mount."""
         async with trio.open_nursery() as self._nursery:
-            await self._batches()
+            self._nursery.start_soon(self._batches, Lane.URGENT)
+            for _ in range(self.concurrency - 1):
+                self._nursery.start_soon(self._batches, Lane.BULK)
 
-    async def _batches(self) -> None:
+    async def _batches(self, lane: Lane) -> None:
+        queued, in_flight = self._queued[lane], self._in_flight[lane]
         while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
+            await self._wakeup[lane].wait()
+            self._wakeup[lane] = trio.Event()
             # Let concurrent misses (parallel readers, a listed directory) join this batch.
             await trio.sleep(self.window)
-            while self._queued:
-                oids = list(self._queued)[: self.max_batch]
-                batch = {oid: self._queued.pop(oid) for oid in oids}
-                self._in_flight.update(batch)
+            while queued:
+                oids = list(queued)[: self.max_batch]
+                batch = {oid: queued.pop(oid) for oid in oids}
+                in_flight.update(batch)
                 try:
-                    await self._fetch(batch)
+                    await self._fetch(batch, lane)
                 except Exception as exc:  # a git dir gone, a full disk: it costs this batch, not the mount
                     log.error("batch fetch of %d objects failed: %s: %s", len(batch), type(exc).__name__, exc)
                     for pending in batch.values():
                         pending.error = pending.error or f"{type(exc).__name__}: {exc}"
                 finally:
                     for oid, pending in batch.items():
-                        self._in_flight.pop(oid, None)
+                        if in_flight.get(oid) is pending:
+                            del in_flight[oid]
                         pending.done.set()
 
-    async def ensure(self, oids: Iterable[str], caller_tid: int | None = None) -> None:
+    def _queue(self, lane: Lane, oid: str, pending: _Pending) -> _Pending:
+        self._queued[lane][oid] = pending
+        self._wakeup[lane].set()
+        return pending
+
+    def _urgent_wait(self, oid: str, owner: int | None) -> _Pending | None:
+        """What a reader of `oid` waits on (None: it is here). A bulk batch is waited for only
+        by the process whose walk queued it; anyone else has the object fetched urgently."""
+        pending = self._in_flight[Lane.URGENT].get(oid) or self._queued[Lane.URGENT].get(oid)
+        if pending is not None:
+            return pending
+        for bulk in (self._in_flight[Lane.BULK], self._queued[Lane.BULK]):
+            pending = bulk.get(oid)
+            if pending is not None and owner is not None and pending.owner == owner:
+                return pending
+        queued = self._queued[Lane.BULK].pop(oid, None)
+        if queued is not None:  # not on its way yet: it goes now, and its bulk waiters with it
+            return self._queue(Lane.URGENT, oid, queued)
+        if self.is_present(oid):  # (an urgent fetch may have brought one a bulk batch still has in flight)
+            return None
+        return self._queue(Lane.URGENT, oid, _Pending())
+
+    async def ensure(self, oids: Iterable[str], caller_tid: int | None = None, *, owner: int | None = None) -> None:
         """Return once every object in `oids` is present locally; raise BlobFetchFailed if not.
+        `owner` is the reader's process (see _urgent_wait).
 
         The wait is on behalf of thread `caller_tid` (see gate.wait_for): a signal to it raises
         FUSEError(EINTR) at once, and the batch goes on without it."""
         waits: list[tuple[str, _Pending]] = []
         for oid in oids:
-            pending = self._in_flight.get(oid) or self._queued.get(oid)
-            if pending is None:
-                if self.is_present(oid):
-                    continue
-                pending = self._queued[oid] = _Pending()
-                self._wakeup.set()
-            waits.append((oid, pending))
+            pending = self._urgent_wait(oid, owner)
+            if pending is not None:
+                waits.append((oid, pending))
         for oid, pending in waits:
             await wait_for(pending.done, caller_tid)
             if pending.error is not None:
                 raise BlobFetchFailed(f"could not fetch {oid}: {pending.error}")
 
-    def prefetch(self, oids: Iterable[str]) -> int:
+    def prefetch(self, oids: Iterable[str], owner: int | None = None) -> int:
         """Queue `oids`, known to be missing, for the next batch without waiting for them (a
         walk's subtree, the rest of the commit): nobody waits, and asking the object store about
         each first would cost a rescan of the pack directory per object. Returns how many were
         queued."""
         queued = 0
         for oid in oids:
-            if oid in self._present or oid in self._queued or oid in self._in_flight:
+            if oid in self._present or self.is_pending(oid):
                 continue
-            self._queued[oid] = _Pending()
+            self._queued[Lane.BULK][oid] = _Pending(owner)
             queued += 1
         if queued:
-            self._wakeup.set()
+            self._wakeup[Lane.BULK].set()
         return queued
 
     async def missing_under(self, tree: str) -> list[str]:
@@ -181,7 +220,7 @@ class Hydrator:
             return []
         return [line[1:] for line in proc.stdout.decode().splitlines() if line.startswith("?")]
 
-    async def _fetch(self, batch: dict[str, _Pending]) -> None:
+    async def _fetch(self, batch: dict[str, _Pending], lane: Lane) -> None:
         started = time.monotonic()
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
         elapsed = time.monotonic() - started
@@ -199,7 +238,7 @@ class Hydrator:
             self.stats.failures += 1
             log.warning("batch fetch of %d objects failed after %.2fs: %s", len(batch), elapsed, error)
         else:
-            log.info("fetched %d objects in one transaction in %.3fs", len(batch), elapsed)
+            log.info("fetched %d objects in one %s transaction in %.3fs", len(batch), lane.value, elapsed)
         for oid, pending in batch.items():
             if error is not None or not self.is_present(oid):
                 pending.error = error or "the remote did not send it"

@@ -43,7 +43,7 @@ import pygit2
 from ..model import BlobFetchFailed, ObjectMissing
 from .faults import contained
 from .fsmonitor import Answers
-from .gate import Gate, GateState
+from .gate import Gate, GateState, process_of
 from .hydrator import Hydrator
 from .layers import Layers, Shown, overlay_kind
 from .nodes import (
@@ -448,6 +448,7 @@ class TreeFS(pyfuse3.Operations):
         if not node.is_blob or node.oid is None or node.data is not None or hydrator.is_present(node.oid):
             return
         wanted = [node.oid]
+        owner = process_of(caller_tid)
         parent = self.nodes.get(node.parent)
         # A reader of a blob that is already on its way is not a second miss: it just waits.
         if parent is not None and parent.snap is node.snap and not hydrator.is_pending(node.oid) and not alone:
@@ -458,15 +459,15 @@ class TreeFS(pyfuse3.Operations):
                     oid = shown.oid
                     if shown.kind in BLOB_KINDS and oid is not None and oid != node.oid and not hydrator.is_present(oid):
                         wanted.append(oid)
-                await self._reach_further(parent)
+                await self._reach_further(parent, owner)
             parent.misses += 1
         try:
-            await hydrator.ensure(dict.fromkeys(wanted), caller_tid)
+            await hydrator.ensure(dict.fromkeys(wanted), caller_tid, owner=owner)
         except BlobFetchFailed as exc:
             log.error("%s: %s", self.fsname, exc)
             raise fuse_error(errno.EIO) from None
 
-    async def _reach_further(self, directory: Node) -> None:
+    async def _reach_further(self, directory: Node, owner: int | None) -> None:
         """A batch of `directory` is about to be fetched: if the misses are a walk, queue with it
         everything missing under the subtree being walked, or at the commit (see walks.py)."""
         path = self._path(directory)
@@ -480,7 +481,7 @@ class TreeFS(pyfuse3.Operations):
             return  # a directory the overlay made, or of an older commit: nothing of the base to fetch
         hydrator = directory.snap.hydrator
         missing = await hydrator.missing_under(top.oid)
-        queued = hydrator.prefetch(missing)
+        queued = hydrator.prefetch(missing, owner)
         log.info("%s: a walk: %d missing blobs under %s queued (%s)", self.fsname, queued,
                  reach.path.decode(errors="replace") or "the top", reach.scope.value)  # fmt: skip
 
