@@ -16,6 +16,24 @@ class PrepareState(str, enum.Enum):
     FAILED = "failed"
 
 
+class BackfillPolicy(str, enum.Enum):
+    """When a mount starts fetching, in the background, what is still missing (ARTIFACTFS_BACKFILL)."""
+
+    USED = "used"  # at the first read that misses
+    READY = "ready"  # as soon as the repository is ready
+    NEVER = "never"
+
+
+class BackfillState(str, enum.Enum):
+    """Where a mount's backfill stands, as `status` shows it."""
+
+    WAITING = "waiting"  # for the first read that misses
+    RUNNING = "running"
+    DONE = "done"  # every blob of the commit shown is here
+    INCOMPLETE = "incomplete"  # it ended with blobs still missing (a fetch failed): the next start goes on
+    OFF = "off"
+
+
 class DisplayState(str, enum.Enum):
     """What `status` shows: READY splits into mounted and unmounted on this host."""
 

@@ -1,12 +1,14 @@
 """The lifecycle of a registered repository: add (prepare), remove, and what status shows."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from .config import Settings
@@ -364,6 +366,27 @@ def problem(repo: RepoState, state: DisplayState) -> str:
     return ""
 
 
+def mount_record(settings: Settings, name: str) -> dict[str, Any]:
+    """What the repository's mount process last recorded (fetch statistics, the backfill's
+    progress); {} if it recorded nothing (not mounted yet, or an owner's mount)."""
+    try:
+        record = json.loads(settings.stats_file(name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def backfill_columns(record: dict[str, Any]) -> dict[str, object]:
+    backfill = record.get("backfill")
+    if not isinstance(backfill, dict):
+        return {"backfill": "", "backfill_blobs": "", "backfill_bytes": ""}
+    return {
+        "backfill": backfill.get("state", ""),
+        "backfill_blobs": f"{backfill.get('present', 0)}/{backfill.get('total', 0)}" if backfill.get("total") else "",
+        "backfill_bytes": backfill.get("present_bytes", 0) if backfill.get("total") else "",
+    }
+
+
 def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
     stats = hydration_stats(settings.repo_git_dir(repo))
     state = display_state(repo)
@@ -379,4 +402,5 @@ def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
         "problem": problem(repo, state),
         "hydrated_blobs": stats.blobs,
         "hydrated_bytes": stats.bytes,
+        **backfill_columns(mount_record(settings, repo.name)),
     }

@@ -478,7 +478,9 @@ class Installation:
                    ARTIFACTFS_LOG_LEVEL="INFO", PYTHONPATH=str(REPO_ROOT),
                    # a queue of its own (artifactfs.<host>): no other worker takes its jobs
                    ARTIFACTFS_HOST=f"{janitor.base.name}-{base.name}",
-                   ARTIFACTFS_FLOWER_PORT=str(free_port()))
+                   ARTIFACTFS_FLOWER_PORT=str(free_port()),
+                   # what each step fetches on demand is measured, not what a backfill adds
+                   ARTIFACTFS_BACKFILL="never")
         return cls(base / "afs", base / "mnt", env, janitor)
 
     @property

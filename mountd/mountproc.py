@@ -27,12 +27,13 @@ import pyfuse3
 import trio
 
 from artifactfs.config import Settings, load_settings
+from artifactfs.fs.backfill import Backfill, BackfillProgress
 from artifactfs.fs.gate import Gate
 from artifactfs.fs.hydrator import FetchStats, Hydrator
 from artifactfs.fs.operations import TreeFS
 from artifactfs.fs.overlay import Overlay
 from artifactfs.gitstore import git_env
-from artifactfs.model import Owner
+from artifactfs.model import BackfillPolicy, BackfillState, Owner
 from artifactfs.mounts import check_mount_path
 from artifactfs.owners import become, owner_of
 from artifactfs.procs import read_pid_file, write_pid_file
@@ -77,6 +78,12 @@ class MountProcess:
         self.fs = TreeFS(self.gate, overlay, fsname=f"artifactfs:{name}", owner=ids)
         self.shown: tuple[str, str] | None = None
         self.nursery: trio.Nursery | None = None
+        # The backfill of the commit shown (see fs/backfill.py): it starts at the first read
+        # that misses, once the repository has had one, or at ready, as the setting says.
+        self.used = False
+        self.backfill = BackfillProgress(BackfillState.OFF if settings.backfill is BackfillPolicy.NEVER else BackfillState.WAITING)
+        self._backfill_scope: trio.CancelScope | None = None
+        self.fs.on_miss = self._first_miss
 
     def become_owner(self) -> None:
         """Give up root for the repository's owner, once mounted (add-repo --owner; see owners.py).
@@ -184,7 +191,8 @@ class MountProcess:
             if op == "hello":
                 pass
             elif op == "ready":
-                self._show(Path(order["git_dir"]), str(order["head"]))
+                if self._show(Path(order["git_dir"]), str(order["head"])):
+                    self._backfill_anew()
                 self.gate.open()
                 self.fs.follow_head_safely()  # git may have moved HEAD while this process was down
             elif op == "failed":
@@ -215,14 +223,15 @@ class MountProcess:
             "nodes": len(self.fs.nodes), "handles": len(self.fs.handles),  # bounded across refreshes
         }
 
-    def _show(self, git_dir: Path, head: str) -> None:
+    def _show(self, git_dir: Path, head: str) -> bool:
+        """Show `head` of `git_dir`; False if it is shown already."""
         if self.shown == (str(git_dir), head):
-            return
+            return False
         hydrator = self.fs.hydrator
         if hydrator is None or hydrator.git_dir != git_dir:
             # Credentials, if the repository has any, come from its git config (a store helper).
             # The statistics file lies in a directory of root's, which an owner's process cannot write.
-            on_batch = self._write_stats if self.owner is None else None
+            on_batch = self._write_stats if self.owner is None else None  # (see _write_stats)
             hydrator = Hydrator(git_dir, self.fs.exists, fetch_timeout=self.settings.fetch_timeout,
                                 concurrency=self.settings.fetch_concurrency,
                                 credential_env=git_env(), on_batch=on_batch,
@@ -236,14 +245,66 @@ class MountProcess:
                 pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
             pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=False)
         self.shown = (str(git_dir), head)
+        return True
 
-    def _write_stats(self, stats: FetchStats) -> None:
-        """Record the fetch statistics (for bench and people). It runs inside the hydrator's batch
-        loop, where an error would end the whole mount: a statistics file that cannot be written
-        (the state root's file system is full) costs the statistics, never the mount."""
+    # --- the backfill ---
+
+    def _backfill_anew(self) -> None:
+        """A new commit is shown: the backfill of the old one (if any) ends, and this one's
+        starts now, at the first read that misses, or never, as the setting says."""
+        if self._backfill_scope is not None:
+            self._backfill_scope.cancel()
+            self._backfill_scope = None
+        policy = self.settings.backfill
+        if policy is BackfillPolicy.NEVER:
+            self.backfill = BackfillProgress(BackfillState.OFF)
+        elif policy is BackfillPolicy.READY or self.used:
+            self._start_backfill()
+        else:
+            self.backfill = BackfillProgress(BackfillState.WAITING)
+        self._write_stats()
+
+    def _first_miss(self) -> None:
+        """A read missed: the repository is in use."""
+        self.used = True
+        if self.backfill.state is BackfillState.WAITING:
+            self._start_backfill()
+
+    def _start_backfill(self) -> None:
+        snapshot, hydrator = self.fs.snapshot, self.fs.hydrator
+        assert snapshot is not None and hydrator is not None and self.nursery is not None
+        run = Backfill(hydrator, str(snapshot.commit.tree_id), self._backfill_moved)
+        self.backfill = run.progress
+        scope = self._backfill_scope = trio.CancelScope()
+        self.nursery.start_soon(self._run_backfill, run, scope)
+
+    async def _run_backfill(self, run: Backfill, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await run.run()
+            except Exception as exc:  # the backfill is a help, never a reason to end the mount
+                log.error("%s: backfill failed: %s: %s", self.name, type(exc).__name__, exc)
+                run.progress.state = BackfillState.INCOMPLETE
+                self._backfill_moved(run.progress)
+
+    def _backfill_moved(self, progress: BackfillProgress) -> None:
+        if progress is self.backfill:
+            self._write_stats()
+
+    def _write_stats(self, _stats: FetchStats | None = None) -> None:
+        """Record the fetch statistics and the backfill's progress (for status, bench and
+        people). It runs inside the hydrator's batch loop, where an error would end the whole
+        mount: a statistics file that cannot be written (the state root's file system is full)
+        costs the statistics, never the mount. An owner's mount process cannot write into
+        root's state directory, and keeps none."""
+        if self.owner is not None:
+            return
+        hydrator = self.fs.hydrator
+        record: dict[str, Any] = dict(hydrator.stats.__dict__) if hydrator is not None else {}
+        record["backfill"] = self.backfill.as_json()
         tmp = self.stats_file.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(stats.__dict__))
+            tmp.write_text(json.dumps(record))
             os.replace(tmp, self.stats_file)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

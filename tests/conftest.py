@@ -321,6 +321,9 @@ def new_installation(base: Path) -> Artifactfs:
         PYTHONPATH=str(Path(__file__).resolve().parent.parent),
         ARTIFACTFS_FLOWER_PORT=str(free_port()),
         ARTIFACTFS_HOST=f"test-{base.name}",  # a queue of its own: no test takes another's jobs
+        # Tests count what reads fetch: a backfill would add to it at its own pace. The tests of
+        # the backfill turn it on.
+        ARTIFACTFS_BACKFILL="never",
     )
     env.pop("ARTIFACTFS_DATABASE_URL", None)
     env.pop("ARTIFACTFS_REDIS_URL", None)

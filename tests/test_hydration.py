@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +153,81 @@ def test_a_read_never_waits_behind_a_large_batch(served: Served) -> None:
     out, _ = walk.communicate(timeout=120)
     assert walk.returncode == 0
     assert len(out.splitlines()) == len(served.repo.files)  # a count for every file
+
+
+# --- the backfill ---
+
+
+def distinct_blobs(repo: SampleRepo) -> dict[str, int]:
+    """The blobs of the tree by id, with their sizes (identical files are one blob)."""
+    out = git("--git-dir", repo.bare, "ls-tree", "-r", "-l", "HEAD").stdout.decode()
+    return {fields[2]: int(fields[3]) for fields in (line.split(None, 4) for line in out.splitlines())}
+
+
+@contextmanager
+def backfilling(served: Served, tmp_path: Path, policy: str) -> Iterator[Artifactfs]:
+    """An installation of its own whose mounts backfill as `policy` says."""
+    afs = new_installation(tmp_path)
+    afs.env["ARTIFACTFS_BACKFILL"] = policy
+    try:
+        afs.start_daemon()
+        yield afs
+    finally:
+        afs.cleanup()
+
+
+def test_the_backfill_starts_at_the_first_miss_and_fetches_everything(served: Served, tmp_path: Path) -> None:
+    blobs = distinct_blobs(served.repo)
+    with backfilling(served, tmp_path, "used") as afs:
+        afs.add("used", served.daemon.url("deep.git"))
+        mnt = afs.wait_mounted("used")
+        run(mnt, "ls", "-R")  # names only: not a use that fetches
+        assert afs.status("used")["backfill"] == "waiting"
+        assert (mnt / "p1/m1/f1.txt").read_bytes() == served.repo.files["p1/m1/f1.txt"]
+        row = wait_until_backfilled(afs, "used")
+        assert row["backfill_blobs"] == f"{len(blobs)}/{len(blobs)}"
+        assert row["backfill_bytes"] == sum(blobs.values())
+        missing = run(mnt, "git", "rev-list", "--objects", "--missing=print", "HEAD").count("\n?")
+        assert missing == 0
+        before = served.daemon.fetch_count("deep.git")
+        run(mnt, "grep", "-r", "-c", "--exclude=.git", "lazy dog", ".")
+        assert served.daemon.fetch_count("deep.git") == before  # the walk found everything here
+
+
+def test_a_read_during_a_backfill_goes_in_a_small_transaction_of_its_own(served: Served, tmp_path: Path) -> None:
+    with backfilling(served, tmp_path, "ready") as afs:
+        served.daemon.hold_large(100)
+        try:
+            afs.add("ready", served.daemon.url("deep.git"))
+            mnt = afs.wait_mounted("ready")
+            wait_until(served.daemon.holding_large, 60, what="the backfill's first batch to be held at the remote")
+            assert afs.status("ready")["backfill"] == "running"
+            before = served.daemon.fetch_count("deep.git")
+            path = "p2/m3/l4/f6.txt"
+            read: list[bytes] = []
+            reader = threading.Thread(target=lambda: read.append((mnt / path).read_bytes()), daemon=True)
+            reader.start()
+            wait_until(lambda: bool(read), 30, what="the read to return while the backfill's batch is held")
+            assert read == [served.repo.files[path]]
+            assert served.daemon.fetch_count("deep.git") == before + 1
+        finally:
+            served.daemon.release_large()
+        row = wait_until_backfilled(afs, "ready")
+        assert row["backfill_blobs"] == f"{len(distinct_blobs(served.repo))}/{len(distinct_blobs(served.repo))}"
+
+
+def test_no_backfill_when_it_is_off(served: Served) -> None:
+    mnt = served.cold_mount("off")  # the shared installation has it off
+    (mnt / "p1/f1.txt").read_bytes()
+    assert served.afs.status("off")["backfill"] == "off"
+
+
+def wait_until_backfilled(afs: Artifactfs, name: str) -> dict[str, object]:
+    rows: list[dict[str, object]] = []
+
+    def done() -> bool:
+        rows.append(afs.status(name))
+        return rows[-1]["backfill"] == "done"
+
+    wait_until(done, 120, interval=0.2, what=f"{name}'s backfill to finish")
+    return rows[-1]

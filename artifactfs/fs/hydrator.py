@@ -220,6 +220,41 @@ class Hydrator:
             return []
         return [line[1:] for line in proc.stdout.decode().splitlines() if line.startswith("?")]
 
+    async def fetch_bulk(self, oids: list[str]) -> set[str]:
+        """Fetch `oids`, known to be missing, in the bulk lane and wait for them (the backfill);
+        returns those that could not be fetched."""
+        waits: list[tuple[str, _Pending]] = []
+        for oid in oids:
+            pending = next((lanes.get(oid) for lanes in (*self._queued.values(), *self._in_flight.values()) if oid in lanes), None)
+            if pending is None:
+                if oid in self._present:
+                    continue
+                pending = self._queue(Lane.BULK, oid, _Pending())
+            waits.append((oid, pending))
+        failed = set()
+        for oid, pending in waits:
+            await pending.done.wait()
+            if pending.error is not None:
+                failed.add(oid)
+        return failed
+
+    async def sizes(self, oids: list[str]) -> dict[str, int]:
+        """The sizes of present objects, from their headers, by one git process off the event loop
+        (objects that are not here are left out)."""
+        if not oids:
+            return {}
+        proc = await trio.run_process(
+            ["git", f"--git-dir={self.git_dir}", "cat-file", "--batch-check=%(objectname) %(objectsize)"],
+            stdin="".join(f"{oid}\n" for oid in oids).encode(), capture_stdout=True, capture_stderr=True,
+            check=False, env=self.env,
+        )  # fmt: skip
+        found: dict[str, int] = {}
+        for line in proc.stdout.decode().splitlines():
+            oid, _, size = line.partition(" ")
+            if size.isdigit():
+                found[oid] = int(size)
+        return found
+
     async def _fetch(self, batch: dict[str, _Pending], lane: Lane) -> None:
         started = time.monotonic()
         error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())

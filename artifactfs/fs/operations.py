@@ -34,6 +34,7 @@ import os
 import stat
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,6 +114,7 @@ class TreeFS(pyfuse3.Operations):
         # have it invalidated, so every one is remembered until then.
         self.absent: set[tuple[int, bytes]] = set()
         self.walks = WalkWatch()  # tells walks of the tree from reads of a few files
+        self.on_miss: Callable[[], None] | None = None  # told of every read that has to fetch
         # Whose every file is: the mount owner's, or the repository's owner (add-repo --owner),
         # whose git refuses a work tree another user owns.
         self.uid, self.gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -447,6 +449,8 @@ class TreeFS(pyfuse3.Operations):
         hydrator = node.snap.hydrator
         if not node.is_blob or node.oid is None or node.data is not None or hydrator.is_present(node.oid):
             return
+        if self.on_miss is not None:
+            self.on_miss()
         wanted = [node.oid]
         owner = process_of(caller_tid)
         parent = self.nodes.get(node.parent)
