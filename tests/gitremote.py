@@ -46,6 +46,7 @@ __all__ = [
     "make_sample_repo",
     "make_many_files_repo",
     "make_deep_tree_repo",
+    "make_large_file_repo",
     "add_commit",
     "file_url",
     "git",
@@ -433,6 +434,19 @@ def make_deep_tree_repo(dest_dir: Path, name: str = "deep", shape: tuple[int, ..
             content[f"{d}.gitignore"] = b"*.o\n"
     fi = _FastImport()
     mark = fi.commit("refs/heads/main", "A deep tree\n", BASE_TIME, None, _changes(content))
+    sha = fi.run(bare)[mark]
+    return SampleRepo(bare=bare, head=sha, files=content, executables=set(), symlinks={},
+                      gitlinks={}, branches={"main": sha}, history=[sha])
+
+
+def make_large_file_repo(dest_dir: Path, name: str, size: int, block: bytes) -> SampleRepo:
+    """Create ``dest_dir/<name>.git`` holding ``big.bin`` (``block`` repeated up to ``size``
+    bytes: a block under zlib's 32 KiB window keeps the pack small) and ``README.md``."""
+    bare = Path(dest_dir) / f"{name}.git"
+    _init_bare(bare)
+    content = {"README.md": b"one large file\n", "big.bin": (block * (size // len(block) + 1))[:size]}
+    fi = _FastImport()
+    mark = fi.commit("refs/heads/main", "A large file\n", BASE_TIME, None, _changes(content))
     sha = fi.run(bare)[mark]
     return SampleRepo(bare=bare, head=sha, files=content, executables=set(), symlinks={},
                       gitlinks={}, branches={"main": sha}, history=[sha])

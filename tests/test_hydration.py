@@ -7,6 +7,7 @@ transactions are the packs the daemon served.
 """
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Artifactfs, new_installation, wait_until
-from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo
+from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo, make_large_file_repo
 
 MAX_WALK_TRANSACTIONS = 10
 
@@ -231,3 +232,34 @@ def wait_until_backfilled(afs: Artifactfs, name: str) -> dict[str, object]:
 
     wait_until(done, 120, interval=0.2, what=f"{name}'s backfill to finish")
     return rows[-1]
+
+
+# --- large files ---
+
+LARGE = 256 * 1024 * 1024
+RSS_LIMIT = 150 * 1024 * 1024
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_256_mib_file_reads_back_whole_with_bounded_memory(served: Served) -> None:
+    block = hashlib.sha256(b"block").digest() * 512  # 16 KiB, under zlib's window: a small pack
+    repo = make_large_file_repo(served.daemon.base, "large", LARGE, block)
+    expected = hashlib.sha256(repo.files["big.bin"]).hexdigest()
+    del repo.files["big.bin"]  # the test process need not hold it either
+    served.afs.add("large", served.daemon.url("large.git"))
+    mnt = served.afs.wait_mounted("large")
+    assert (mnt / "big.bin").stat().st_size == LARGE
+    digest = hashlib.sha256()
+    with open(mnt / "big.bin", "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    assert digest.hexdigest() == expected
+    peak = peak_rss(served.afs.wait_mount_process("large"))
+    assert peak < RSS_LIMIT, f"the mount process peaked at {peak / 2**20:.0f} MiB"

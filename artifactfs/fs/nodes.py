@@ -13,6 +13,7 @@ import pygit2
 from .hydrator import Hydrator
 
 if TYPE_CHECKING:
+    from .contents import Contents
     from .layers import Layers, Shown
     from .overlay import OverlayEntry
 
@@ -58,6 +59,7 @@ class Snapshot:
     mtime_ns: int
     hydrator: Hydrator
     layers: Layers  # this commit's trees under the overlay
+    contents: Contents  # its blobs' contents, as reads want them
 
 
 @dataclass(eq=False)

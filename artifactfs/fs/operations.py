@@ -33,7 +33,7 @@ import logging
 import os
 import stat
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +45,7 @@ from ..model import BlobFetchFailed, ObjectMissing
 from .faults import contained
 from .fsmonitor import Answers
 from .gate import Gate, GateState, process_of
+from .contents import Contents
 from .hydrator import Hydrator
 from .layers import Layers, Shown, overlay_kind
 from .nodes import (
@@ -67,7 +68,6 @@ log = logging.getLogger(__name__)
 CACHE_SECONDS = 300.0  # every change passes through the kernel; the gate invalidates on a new commit
 SIBLING_BATCH_LIMIT = 2000
 LISTING_FRESH_SECONDS = 2.0
-BLOB_CACHE_ENTRIES = 64
 # Names looked up and found absent, remembered so that the kernel may cache the absence: git
 # looks for a .gitattributes in every directory it reads a .gitignore of, at every status.
 # Past this many, absences are answered without caching (nothing to invalidate later).
@@ -106,7 +106,7 @@ class TreeFS(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.next_handle = 1
         self.sizes: dict[str, int] = {}
-        self._blob_cache: OrderedDict[str, bytes] = OrderedDict()
+        self.contents: Contents | None = None  # of the git directory shown
         self.held: Counter[int] = Counter()  # content files open in handles, by id
         self.doomed: set[int] = set()  # content files no entry refers to, deleted at their last close
         # (parent inode, name) the kernel may cache as absent. Any name the kernel itself creates
@@ -153,6 +153,7 @@ class TreeFS(pyfuse3.Operations):
             dotgit=f"gitdir: {git_dir}\n".encode(),
             mtime_ns=mtime_ns,
             hydrator=hydrator,
+            contents=self._contents_of(git_dir, hydrator),
             layers=Layers(repo, str(commit.tree_id), self.overlay),
         )
         root = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, b"", Kind.DIR, str(commit.tree_id), snap,
@@ -504,17 +505,21 @@ class TreeFS(pyfuse3.Operations):
             raise ObjectMissing(f"object {oid} is missing from the local git directory")
         return obj
 
-    def _blob(self, node: Node) -> bytes:
+    def _contents_of(self, git_dir: Path, hydrator: Hydrator) -> Contents:
+        """The contents of `git_dir`'s blobs: one for as long as that git directory is shown
+        (large blobs are spooled beside the overlay, which is the mount owner's)."""
+        if self.contents is None or self.contents.git_dir != git_dir:
+            if self.contents is not None:
+                self.contents.close()
+            self.contents = Contents(git_dir, self.overlay.root / "spool", hydrator.env)
+        return self.contents
+
+    async def _read_blob(self, node: Node, off: int, length: int) -> bytes:
         assert node.oid is not None
-        data = self._blob_cache.get(node.oid)
-        if data is None:
-            data = self._object(node.snap, node.oid).data
-            self._blob_cache[node.oid] = data
-            if len(self._blob_cache) > BLOB_CACHE_ENTRIES:
-                self._blob_cache.popitem(last=False)
-        else:
-            self._blob_cache.move_to_end(node.oid)
-        return data
+        size = self._known_size(node)
+        if size is None:
+            raise ObjectMissing(f"object {node.oid} is missing from the local git directory")
+        return await node.snap.contents.read(node.oid, size, off, length)
 
     # --- changes: every one recorded in the overlay before the operation returns ---
 
@@ -562,14 +567,17 @@ class TreeFS(pyfuse3.Operations):
             raise fuse_error(errno.EISDIR)
         if node.kind not in (Kind.FILE, Kind.EXEC):
             raise fuse_error(errno.EPERM)
-        content = b""
         if keep and node.oid is not None:
             await self._hydrate(node, caller_tid, alone=True)
-            content = self._blob(node)
         data = self.overlay.new_data()
         try:
-            with open(self.overlay.data_path(data), "wb") as fh:
-                fh.write(content)
+            path = self.overlay.data_path(data)
+            size = self._known_size(node) if keep and node.oid is not None else None
+            if size is not None:
+                assert node.oid is not None
+                await node.snap.contents.copy_to(node.oid, size, path)
+            else:
+                path.write_bytes(b"")
             self._record(node, replace(self._entry_of(node, self._path(node)), data=data, base_oid=None))
         except BaseException:
             self.overlay.free(data)
@@ -683,7 +691,7 @@ class TreeFS(pyfuse3.Operations):
         # thread, a child after fork), and its signals must not fail someone else's read. open
         # hydrated the blob already; a read that must fetch waits until the fetch deadline.
         await self._hydrate(node, None)
-        return self._blob(node)[off : off + size]
+        return await self._read_blob(node, off, size)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
@@ -780,7 +788,8 @@ class TreeFS(pyfuse3.Operations):
         if node.over is not None and node.over.target is not None:
             return node.over.target
         await self._hydrate(node, ctx.pid)
-        return self._blob(node)
+        assert node.oid is not None
+        return await node.snap.contents.whole(node.oid)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         await self.gate.wait(ctx.pid)
