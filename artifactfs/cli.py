@@ -66,6 +66,7 @@ def cmd_add_repo(args: argparse.Namespace, settings: Settings) -> int:
     req = parse_add_request(
         settings, registry, args.name, remote, args.ref, args.mount_root,
         prepared_gitdir=args.prepared_gitdir, git_dir=args.git_dir, fetch_ref=args.fetch_ref, owner=args.owner,
+        blob_filter=args.blob_filter,
     )  # fmt: skip
     if args.asynchronous:
         add_repo_async(settings, registry, req)
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", metavar="USER",
                    help="user (name or uid) the mounted files and the git directory belong to, so that "
                         "this user's git works in the mount (default: root)")
+    p.add_argument("--filter", dest="blob_filter", metavar="FILTER",
+                   help="partial-clone filter: blob:none (default: no file content arrives with the clone) or "
+                        "blob:limit=SIZE (files smaller than SIZE, e.g. 64k, arrive with it, and their sizes)")
 
     p = command("prepare", cmd_prepare, "prepare a repository again (after a failure, or to refresh it)")
     p.add_argument("--name", required=True)

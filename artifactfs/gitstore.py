@@ -172,6 +172,7 @@ def clone_blobless(
     *,
     credential_file: Path | None = None,
     timeout: float | None = None,
+    blob_filter: str = "blob:none",
 ) -> CloneResult:
     """Blobless, single-branch, tagless clone of `ref` into `git_dir`, atomically.
 
@@ -185,7 +186,7 @@ def clone_blobless(
         work = tmp / "work"
         env = git_env(credential_file)
         run_git(
-            ["clone", "--quiet", "--filter=blob:none", "--no-checkout", "--single-branch", "--no-tags",
+            ["clone", "--quiet", f"--filter={blob_filter}", "--no-checkout", "--single-branch", "--no-tags",
              f"--branch={branch}", "--", remote_url, str(work)],
             env=env, timeout=timeout,
         )  # fmt: skip

@@ -174,6 +174,8 @@ class RepoState:
     # The user the mounted files and the git directory belong to (add-repo --owner); None: root.
     owner_uid: int | None = None
     owner_gid: int | None = None
+    # The partial-clone filter of the clone (add-repo --filter): blob:none, or blob:limit=SIZE.
+    blob_filter: str = "blob:none"
     version: int = 0  # the last stream version folded into this row
     registered_at: datetime = field(default_factory=lambda: utcnow())
     updated_at: datetime = field(default_factory=lambda: utcnow())

@@ -252,8 +252,13 @@ def clear_leftovers(git_dir: Path) -> list[Path]:
 def fetch_head(git_dir: Path, remote_url: str, source_ref: str, env: dict[str, str]) -> str:
     """Fetch `source_ref` into a clone (or a prepared git directory); the commit fetched."""
     promisor = run_git(["config", "--get", "remote.origin.promisor"], git_dir=git_dir, env=env, check=False)
-    # Keep a partial clone partial: fetch through its promisor remote, without blobs.
-    options, source = (["--filter=blob:none"], "origin") if promisor.stdout.strip() == b"true" else ([], remote_url)
+    # Keep a partial clone partial: fetch through its promisor remote, with the filter it was
+    # cloned with (git recorded it).
+    if promisor.stdout.strip() == b"true":
+        recorded = run_git(["config", "--get", "remote.origin.partialclonefilter"], git_dir=git_dir, env=env, check=False)
+        options, source = [f"--filter={recorded.stdout.decode().strip() or 'blob:none'}"], "origin"
+    else:
+        options, source = [], remote_url
     run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *options, "--", source, source_ref], git_dir=git_dir, env=env)
     return run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
 
@@ -346,7 +351,8 @@ class Preparation:
         try:
             staged = staging / git_dir.name
             head = clone_blobless(
-                self.repo.remote_url, self.repo.ref, staged, tmp_root, credential_file=self.credential_file
+                self.repo.remote_url, self.repo.ref, staged, tmp_root, credential_file=self.credential_file,
+                blob_filter=self.repo.blob_filter,
             ).head
             self._reached(Phase.CLONE)
             git_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
             registered_at=ev.created_at,
             owner_uid=p.get("owner_uid"),
             owner_gid=p.get("owner_gid"),
+            blob_filter=p.get("filter", "blob:none"),
         )
     elif repo is None:
         return None  # history of a name that is not registered now (e.g. an abandoned add)

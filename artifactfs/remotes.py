@@ -77,6 +77,23 @@ def validate_name(name: str) -> str:
     return name
 
 
+DEFAULT_FILTER = "blob:none"
+_BLOB_LIMIT = re.compile(r"blob:limit=([0-9]{1,12})([kmg]?)")
+
+
+def validate_filter(raw: str) -> str:
+    """Accept the partial-clone filters a mount can work with: `blob:none` (no blob arrives with
+    the clone) or `blob:limit=SIZE` (blobs smaller than SIZE bytes do, with k, m or g for KiB,
+    MiB, GiB); return it as git spells it."""
+    text = raw.strip().lower()
+    if text == DEFAULT_FILTER:
+        return text
+    match = _BLOB_LIMIT.fullmatch(text)
+    if match is None:
+        raise InvalidInput(f"invalid --filter {printable(repr(raw))}: give blob:none or blob:limit=SIZE (e.g. blob:limit=64k)")
+    return f"blob:limit={int(match.group(1))}{match.group(2)}"
+
+
 def validate_ref(ref: str) -> str:
     """Accept `refs/heads/main`, `refs/tags/v1` or a short branch name; return the full ref.
 

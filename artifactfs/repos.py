@@ -31,7 +31,7 @@ from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, resolve
 from .owners import lookup_owner
 from .prepare import Preparation, announce, check_git_dir, fail_attempt, record
 from .registry import Registry
-from .remotes import Remote, parse_remote, redact, validate_name, validate_ref
+from .remotes import DEFAULT_FILTER, Remote, parse_remote, redact, validate_filter, validate_name, validate_ref
 from .stack import running_pid
 
 # How long remove-repo waits for mountd to take the mount down before doing it itself.
@@ -48,6 +48,7 @@ class AddRequest:
     prepared_gitdir: bool = False  # someone else's git directory: fetch into it, never delete it
     fetch_ref: str | None = None  # what to fetch from the remote into `ref`, if not `ref` itself
     owner: Owner | None = None  # whose the mounted files and the git directory are (default: root's)
+    blob_filter: str = DEFAULT_FILTER  # the clone's partial-clone filter
 
 
 def parse_add_request(
@@ -62,11 +63,15 @@ def parse_add_request(
     git_dir: str | None = None,
     fetch_ref: str | None = None,
     owner: str | None = None,
+    blob_filter: str | None = None,
 ) -> AddRequest:
     """Validate everything a user typed before anything is written."""
     validate_name(name)
     parsed = parse_remote(remote)
     full_ref = validate_ref(ref)
+    checked_filter = validate_filter(blob_filter) if blob_filter is not None else DEFAULT_FILTER
+    if blob_filter is not None and prepared_gitdir:
+        raise InvalidInput("--filter does not go with --prepared-gitdir: that git directory keeps the filter it was cloned with")
     who = lookup_owner(owner) if owner is not None else None
     if who is not None and prepared_gitdir:
         raise InvalidInput("--owner does not go with --prepared-gitdir: that git directory already has an owner")
@@ -88,7 +93,7 @@ def parse_add_request(
         raise DuplicateRepo(name)  # said before anything about its mount path (registering checks again)
     return AddRequest(
         name=name, remote=parsed, ref=full_ref, mount_path=checked_mount_path(settings, registry, name, mount_root),
-        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who,
+        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who, blob_filter=checked_filter,
     )  # fmt: skip
 
 
@@ -176,6 +181,7 @@ def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> 
             "prepared_gitdir": req.prepared_gitdir,
             "asynchronous": asynchronous,
             "attempt": 1,
+            "filter": req.blob_filter,
             **({"owner_uid": req.owner.uid, "owner_gid": req.owner.gid} if req.owner is not None else {}),
         },
         job_id=job_id,
@@ -396,6 +402,7 @@ def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
         "head": repo.head or "",
         "ref": repo.ref,
         "remote": repo.remote_url,
+        "filter": repo.blob_filter,
         "mount_path": repo.mount_path,
         "phase": repo.prepare_phase or "",
         "prepare_error": repo.prepare_error or "",

@@ -48,6 +48,7 @@ class RepoRow(SQLModel, table=True):
     head: str | None = None
     owner_uid: int | None = None
     owner_gid: int | None = None
+    blob_filter: str = "blob:none"
     version: int = 0
     registered_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

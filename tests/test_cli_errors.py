@@ -201,6 +201,11 @@ BAD_INPUT = [
     Bad(add("--owner", "4000000000"), "no such user on this host"),
     Bad(add("--owner", "nobody", "--prepared-gitdir", "--git-dir", "BASE", "--fetch-ref", "main"),
         "--owner does not go with --prepared-gitdir"),
+    # partial-clone filters
+    Bad(add("--filter", "tree:0"), "invalid --filter 'tree:0': give blob:none or blob:limit=SIZE"),
+    Bad(add("--filter", "blob:limit=lots"), "invalid --filter 'blob:limit=lots'"),
+    Bad(add("--filter", "blob:limit=1k", "--prepared-gitdir", "--git-dir", "BASE", "--fetch-ref", "main"),
+        "--filter does not go with --prepared-gitdir"),
     Bad(add("--owner", "root"), "--owner root: that is root"),
     Bad(add("--owner", "nobody", remote=f"https://user:{SECRET}@example.com/r.git"),
         "--owner does not go with credentials in the remote URL"),

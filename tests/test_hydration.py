@@ -263,3 +263,27 @@ def test_a_256_mib_file_reads_back_whole_with_bounded_memory(served: Served) -> 
     assert digest.hexdigest() == expected
     peak = peak_rss(served.afs.wait_mount_process("large"))
     assert peak < RSS_LIMIT, f"the mount process peaked at {peak / 2**20:.0f} MiB"
+
+
+# --- the clone's filter ---
+
+
+def test_a_blob_limit_filter_brings_small_files_with_the_clone(served: Served) -> None:
+    served.afs.add("limited", served.daemon.url("deep.git"), "--filter", "blob:limit=1k")
+    mnt = served.afs.wait_mounted("limited")
+    row = served.afs.status("limited")
+    assert row["filter"] == "blob:limit=1k"
+    blobs = distinct_blobs(served.repo)
+    missing = {line[1:] for line in run(mnt, "git", "rev-list", "--objects", "--missing=print", "HEAD").splitlines()
+               if line.startswith("?")}  # fmt: skip
+    assert missing == {oid for oid, size in blobs.items() if size >= 1024}  # git omits blobs of SIZE and more
+    config = run(mnt, "git", "config", "--get", "remote.origin.partialclonefilter").strip()
+    assert config == "blob:limit=1024"  # as git records it
+    # Small files cost no fetch, not even a stat of their size; a large one fetches itself.
+    small = next(p for p, c in served.repo.files.items() if len(c) < 1024 and p.startswith("p4/"))
+    large = next(p for p, c in served.repo.files.items() if len(c) >= 1024 and p.startswith("p4/"))
+    count = served.transactions(lambda: ((mnt / small).read_bytes(), (mnt / small).stat()))
+    assert count == 0
+    assert (mnt / large).read_bytes() == served.repo.files[large]
+    served.cold_mount("unfiltered")
+    assert served.afs.status("unfiltered")["filter"] == "blob:none"  # the default
