@@ -90,7 +90,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,7 @@ from artifactfs.mounts import fuse_mounts  # noqa: E402
 from tests.gitremote import GitDaemon, git_env, make_many_files_repo  # noqa: E402
 
 REPO_NAME = "bench"
+RunResult = TypeVar("RunResult")  # what one run of a benchmark measured
 FILE_MODES = {"100644", "100755"}
 MOUNT_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -202,6 +204,28 @@ class Janitor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def served_runs(label: str, runs: int, make_remote: Callable[[Path], tuple[GitDaemon, dict[str, bytes]]],
+                one_run: Callable[[Path, GitDaemon, dict[str, bytes], Janitor], RunResult],
+                describe: Callable[[dict[str, bytes]], str]) -> list[RunResult]:  # fmt: skip
+    """`runs` runs of `one_run`, each in a directory of its own, against the repository that
+    `make_remote` builds and serves; everything started is stopped and removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=f"artifactfs-bench-{label}-")).resolve()
+    janitor = Janitor(base)
+    try:
+        daemon, tree = make_remote(base)
+        janitor.git_daemon = daemon
+        print(f"{label}: {describe(tree)}", file=sys.stderr)
+        results = []
+        for index in range(runs):
+            run_base = base / f"run{index}"
+            run_base.mkdir()
+            results.append(one_run(run_base, daemon, tree, janitor))
+            print(f"bench-{label}: run {index + 1}/{runs} done", file=sys.stderr, flush=True)
+        return results
+    finally:
+        janitor.close()
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

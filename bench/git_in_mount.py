@@ -15,7 +15,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,20 +53,30 @@ def monorepo_files() -> dict[str, bytes]:
     return files
 
 
-def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
+def serve(base: Path, name: str, history: Callable[[_FastImport], None]) -> GitDaemon:
+    """A bare repository `name`, its commits made by `history` in one fast-import, served by a
+    git daemon (started) over <base>/served."""
     served = base / "served"
-    bare = served / f"{NAME}.git"
+    bare = served / f"{name}.git"
     _init_bare(bare)
-    files = monorepo_files()
     fi = _FastImport()
-    first = fi.commit("refs/heads/main", "monorepo\n", 1_700_000_000, None, _changes(files))
-    changed = sorted(p for p in files if p.endswith("file0.py"))[:200]
-    fi.commit("refs/heads/other", "change 200 files\n", 1_700_000_100, first,
-              _changes({p: files[p] + b"# other branch\n" for p in changed}))  # fmt: skip
+    history(fi)
     fi.run(bare)
     daemon = GitDaemon(served, state_dir=base / "gitdaemon")
     daemon.start()
-    return daemon, files
+    return daemon
+
+
+def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
+    files = monorepo_files()
+
+    def history(fi: _FastImport) -> None:
+        first = fi.commit("refs/heads/main", "monorepo\n", 1_700_000_000, None, _changes(files))
+        changed = sorted(p for p in files if p.endswith("file0.py"))[:200]
+        fi.commit("refs/heads/other", "change 200 files\n", 1_700_000_100, first,
+                  _changes({p: files[p] + b"# other branch\n" for p in changed}))  # fmt: skip
+
+    return serve(base, NAME, history), files
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -145,30 +154,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="artifactfs-bench-git-")).resolve()
-    janitor = harness.Janitor(base)
-    try:
-        daemon, files = make_remote(base)
-        janitor.git_daemon = daemon
+
+    def describe(files: dict[str, bytes]) -> str:
         dirs = {str(Path(p).parent) for p in files}
-        print(f"monorepo: {len(files)} files in {len(dirs)} directories, "
-              f"{sum(p.endswith('.gitignore') for p in files)} .gitignore files", file=sys.stderr)  # fmt: skip
-        runs = []
-        for index in range(args.runs):
-            run_base = base / f"run{index}"
-            run_base.mkdir()
-            runs.append(one_run(run_base, daemon, files, janitor))
-            print(f"bench-git: run {index + 1}/{args.runs} done", file=sys.stderr, flush=True)
-        print(f"| step (median of {args.runs}) | plain checkout | mount | ratio | blobs fetched by the mount |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for label in runs[0]:
-            plain_s = statistics.median(r[label][0] for r in runs)
-            mount_s = statistics.median(r[label][1] for r in runs)
-            fetched = statistics.median(r[label][2] for r in runs)
-            ratio = f"{mount_s / plain_s:.1f}x" if plain_s > 0 else ""
-            print(f"| {label} | {seconds(plain_s)} | {seconds(mount_s)} | {ratio} | {fetched:g} |")
-    finally:
-        janitor.close()
+        return (f"{len(files)} files in {len(dirs)} directories, "
+                f"{sum(p.endswith('.gitignore') for p in files)} .gitignore files")  # fmt: skip
+
+    runs = harness.served_runs("git", args.runs, make_remote, one_run, describe)
+    print(f"| step (median of {args.runs}) | plain checkout | mount | ratio | blobs fetched by the mount |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label in runs[0]:
+        plain_s = statistics.median(r[label][0] for r in runs)
+        mount_s = statistics.median(r[label][1] for r in runs)
+        fetched = statistics.median(r[label][2] for r in runs)
+        ratio = f"{mount_s / plain_s:.1f}x" if plain_s > 0 else ""
+        print(f"| {label} | {seconds(plain_s)} | {seconds(mount_s)} | {ratio} | {fetched:g} |")
     return 0
 
 

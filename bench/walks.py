@@ -22,7 +22,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import bench as harness  # noqa: E402  (bench/bench.py: installations, clean-up)
 import git_in_mount as monorepo  # noqa: E402
-from tests.gitremote import GitDaemon, _changes, _FastImport, _init_bare, git_env  # noqa: E402
+from tests.gitremote import GitDaemon, _changes, git_env  # noqa: E402
 
 NAME = "walks"
 LARGE = {"assets/video.bin": 24 * 1024 * 1024, "assets/model.bin": 12 * 1024 * 1024}
@@ -54,15 +53,8 @@ def files() -> dict[str, bytes]:
 
 
 def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
-    served = base / "served"
-    bare = served / f"{NAME}.git"
-    _init_bare(bare)
     tree = files()
-    fi = _FastImport()
-    fi.commit("refs/heads/main", "walks\n", 1_700_000_000, None, _changes(tree))
-    fi.run(bare)
-    daemon = GitDaemon(served, state_dir=base / "gitdaemon")
-    daemon.start()
+    daemon = monorepo.serve(base, NAME, lambda fi: fi.commit("refs/heads/main", "walks\n", 1_700_000_000, None, _changes(tree)))
     return daemon, tree
 
 
@@ -86,7 +78,7 @@ def limit(base: Path, url: str) -> float:
     return time.perf_counter() - start
 
 
-def one_run(base: Path, daemon: GitDaemon, janitor: harness.Janitor) -> dict[str, float | int]:
+def one_run(base: Path, daemon: GitDaemon, _tree: dict[str, bytes], janitor: harness.Janitor) -> dict[str, float | int]:
     url = daemon.url(f"{NAME}.git")
     results: dict[str, float | int] = {"limit": limit(base, url)}
     plain = base / "plain"
@@ -120,36 +112,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="artifactfs-bench-walks-")).resolve()
-    janitor = harness.Janitor(base)
-    try:
-        daemon, tree = make_remote(base)
-        janitor.git_daemon = daemon
+
+    def describe(tree: dict[str, bytes]) -> str:
         dirs = {str(Path(p).parent) for p in tree}
-        print(f"walks: {len(tree)} files in {len(dirs)} directories, {sum(map(len, tree.values())) / 2**20:.0f} MiB",
-              file=sys.stderr)  # fmt: skip
-        runs = []
-        for index in range(args.runs):
-            run_base = base / f"run{index}"
-            run_base.mkdir()
-            runs.append(one_run(run_base, daemon, janitor))
-            print(f"bench-walks: run {index + 1}/{args.runs} done", file=sys.stderr, flush=True)
+        return f"{len(tree)} files in {len(dirs)} directories, {sum(map(len, tree.values())) / 2**20:.0f} MiB"
 
-        def med(key: str) -> float:
-            return statistics.median(float(r[key]) for r in runs)
+    runs = harness.served_runs("walks", args.runs, make_remote, one_run, describe)
 
-        print(f"one fetch of every blob (the limit): {med('limit'):.2f} s (median of {args.runs})")
-        print()
-        print("| cold walk | native | mount | transactions | limit + native | mount / (limit + native) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for label in WALKS:
-            bound = med("limit") + med(f"native {label}")
-            print(f"| {label} | {med(f'native {label}'):.3f} s | {med(f'mount {label}'):.3f} s "
-                  f"| {med(f'txns {label}'):g} | {bound:.3f} s | {med(f'mount {label}') / bound:.2f}x |")  # fmt: skip
-        native, mount = med("native warm grep -r"), med("mount warm grep -r")
-        print(f"| grep -r, warm | {native:.3f} s | {mount:.3f} s | 0 | | {mount / native:.2f}x of native |")
-    finally:
-        janitor.close()
+    def med(key: str) -> float:
+        return statistics.median(float(r[key]) for r in runs)
+
+    print(f"one fetch of every blob (the limit): {med('limit'):.2f} s (median of {args.runs})")
+    print()
+    print("| cold walk | native | mount | transactions | limit + native | mount / (limit + native) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label in WALKS:
+        bound = med("limit") + med(f"native {label}")
+        print(f"| {label} | {med(f'native {label}'):.3f} s | {med(f'mount {label}'):.3f} s "
+              f"| {med(f'txns {label}'):g} | {bound:.3f} s | {med(f'mount {label}') / bound:.2f}x |")  # fmt: skip
+    native, mount = med("native warm grep -r"), med("mount warm grep -r")
+    print(f"| grep -r, warm | {native:.3f} s | {mount:.3f} s | 0 | | {mount / native:.2f}x of native |")
     return 0
 
 

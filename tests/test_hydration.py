@@ -131,6 +131,19 @@ def test_reading_a_few_files_fetches_only_their_directories(served: Served) -> N
     assert missing >= len(served.repo.files) - 20  # the three, and what preparation fetched
 
 
+def read_alone(served: Served, mnt: Path, path: str) -> None:
+    """Read `path` while a large batch is held at the remote: it must return, right, in one
+    transaction of its own (in a thread, so that a read stuck behind the batch fails the test
+    rather than hanging it)."""
+    before = served.daemon.fetch_count("deep.git")
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append((mnt / path).read_bytes()), daemon=True)
+    reader.start()
+    wait_until(lambda: bool(read), 30, what=f"the read of {path} to return while a large batch is held")
+    assert read == [served.repo.files[path]]
+    assert served.daemon.fetch_count("deep.git") == before + 1
+
+
 def test_a_read_never_waits_behind_a_large_batch(served: Served) -> None:
     """While a walk's batch of the whole commit is held at the remote, another process's read
     goes in a small transaction of its own and returns; the walk completes once the batch does."""
@@ -140,14 +153,7 @@ def test_a_read_never_waits_behind_a_large_batch(served: Served) -> None:
         walk = subprocess.Popen(["grep", "-r", "-c", "--exclude=.git", "lazy dog", "."], cwd=mnt,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         wait_until(served.daemon.holding_large, 60, what="the walk's large batch to be held at the remote")
-        before = served.daemon.fetch_count("deep.git")
-        path = "p6/m4/l8/f5.txt"
-        read: list[bytes] = []
-        reader = threading.Thread(target=lambda: read.append((mnt / path).read_bytes()), daemon=True)
-        reader.start()
-        wait_until(lambda: bool(read), 30, what="the read to return while the large batch is held")
-        assert read == [served.repo.files[path]]
-        assert served.daemon.fetch_count("deep.git") == before + 1
+        read_alone(served, mnt, "p6/m4/l8/f5.txt")
         assert walk.poll() is None  # still waiting for its batch
     finally:
         served.daemon.release_large()
@@ -203,14 +209,7 @@ def test_a_read_during_a_backfill_goes_in_a_small_transaction_of_its_own(served:
             mnt = afs.wait_mounted("ready")
             wait_until(served.daemon.holding_large, 60, what="the backfill's first batch to be held at the remote")
             assert afs.status("ready")["backfill"] == "running"
-            before = served.daemon.fetch_count("deep.git")
-            path = "p2/m3/l4/f6.txt"
-            read: list[bytes] = []
-            reader = threading.Thread(target=lambda: read.append((mnt / path).read_bytes()), daemon=True)
-            reader.start()
-            wait_until(lambda: bool(read), 30, what="the read to return while the backfill's batch is held")
-            assert read == [served.repo.files[path]]
-            assert served.daemon.fetch_count("deep.git") == before + 1
+            read_alone(served, mnt, "p2/m3/l4/f6.txt")
         finally:
             served.daemon.release_large()
         row = wait_until_backfilled(afs, "ready")
