@@ -62,6 +62,7 @@ UNREACHABLE_MARKERS = (
 # What git's own lazy fetch runs for missing objects; we run it for many objects at once.
 BATCH_FETCH_ARGS = (
     "-c", "fetch.negotiationAlgorithm=noop",
+    "-c", "maintenance.auto=false",  # the mount consolidates packs itself (Hydrator._consolidate)
     "fetch", "origin",
     "--no-tags", "--no-write-fetch-head", "--recurse-submodules=no",
     "--filter=blob:none", "--stdin",
@@ -224,6 +225,16 @@ def configure_credential_helper(git_dir: Path, credential_file: Path) -> None:
 
 def batch_fetch_command(git_dir: Path) -> list[str]:
     return ["git", f"--git-dir={git_dir}", *BATCH_FETCH_ARGS]
+
+
+# Packs consolidated into one: every promisor pack (each batch fetch adds one) and the rest,
+# each into a single new pack; git removes a pack only once what it held is in the new one, and
+# leaves alone a pack that a fetch adds meanwhile.
+CONSOLIDATE_ARGS = ("-c", "maintenance.auto=false", "repack", "-a", "-d", "-q", "--no-write-bitmap-index")
+
+
+def pack_count(git_dir: Path) -> int:
+    return sum(1 for _ in (git_dir / "objects" / "pack").glob("*.pack"))
 
 
 # What git writes into objects/pack/ before it renames a finished pack into place.

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from artifactfs.gitstore import pack_count
+
 from .conftest import Artifactfs, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo, make_large_file_repo
 
@@ -286,3 +288,33 @@ def test_a_blob_limit_filter_brings_small_files_with_the_clone(served: Served) -
     assert (mnt / large).read_bytes() == served.repo.files[large]
     served.cold_mount("unfiltered")
     assert served.afs.status("unfiltered")["filter"] == "blob:none"  # the default
+
+
+# --- packs ---
+
+
+def test_packs_are_consolidated_while_mounted_and_every_object_stays_readable(served: Served, tmp_path: Path) -> None:
+    """Each batch adds a pack; past the limit the mount repacks, serving all along."""
+    afs = new_installation(tmp_path)
+    afs.env["ARTIFACTFS_PACK_LIMIT"] = "8"
+    try:
+        afs.start_daemon()
+        afs.add("packs", served.daemon.url("deep.git"))
+        mnt = afs.wait_mounted("packs")
+        git_dir = afs.root / "git" / "packs.git"
+        # Files of different directories, read by path one after another: one batch each.
+        paths = [f"p{p}/m{m}/f{m % 7}.txt" for p in range(8) for m in range(4)]
+        for path in paths:
+            assert (mnt / path).read_bytes() == served.repo.files[path]
+        log = afs.root / "mountd.log"  # where mountd and its mount processes write (start_daemon)
+        wait_until(lambda: "consolidated" in log.read_text(errors="replace"), 60, what="a consolidation to be logged")
+        wait_until(lambda: pack_count(git_dir) <= 8, 60, what="the packs to be consolidated")
+        for path in paths:  # through the mount again, and straight from git: all here, all right
+            assert (mnt / path).read_bytes() == served.repo.files[path]
+        ids = "".join(f"{served.repo.blob_id(p)}\n" for p in paths)
+        check = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "--batch-check"], input=ids.encode(),
+                               capture_output=True, check=True).stdout.decode()  # fmt: skip
+        assert "missing" not in check and check.count("blob") == len(paths)
+        assert run(mnt, "git", "rev-list", "--objects", "--missing=print", "HEAD").count("\n?") > 0  # still partial
+    finally:
+        afs.cleanup()

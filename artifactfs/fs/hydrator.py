@@ -30,10 +30,12 @@ from pathlib import Path
 import trio
 
 from ..gitstore import (
+    CONSOLIDATE_ARGS,
     PACK_GRACE_SECONDS,
     batch_fetch_command,
     classify_git_error,
     git_env,
+    pack_count,
     remove_abandoned_packs,
     temporary_packs,
 )
@@ -78,6 +80,7 @@ class Hydrator:
         window: float = 0.003,
         max_batch: int = 20000,
         concurrency: int = 2,
+        pack_limit: int = 50,
         credential_env: dict[str, str] | None = None,
         on_batch: Callable[[FetchStats], None] | None = None,
         own_git_dir: bool = True,
@@ -104,6 +107,11 @@ class Hydrator:
         self._in_flight: dict[Lane, dict[str, _Pending]] = {lane: {} for lane in Lane}  # being fetched
         self._wakeup = {lane: trio.Event() for lane in Lane}
         self._nursery: trio.Nursery | None = None  # run()'s: cleanups after failed fetches
+        # Past this many packs the git directory is consolidated (ARTIFACTFS_PACK_LIMIT): every
+        # lookup that misses scans them all, and each batch adds one.
+        self.pack_limit = pack_limit
+        self._consolidating = False
+        self.consolidations = 0
 
     def is_present(self, oid: str) -> bool:
         if oid in self._present:
@@ -279,6 +287,32 @@ class Hydrator:
                 pending.error = error or "the remote did not send it"
         if self.on_batch is not None:
             self.on_batch(self.stats)
+        if error is None and self.own_git_dir and not self._consolidating and pack_count(self.git_dir) > self.pack_limit:
+            assert self._nursery is not None
+            self._consolidating = True
+            self._nursery.start_soon(self._consolidate)
+
+    async def _consolidate(self) -> None:
+        """Repack the git directory into a few packs, beside the mount at work: git writes the
+        new pack before it removes the old ones, so every object stays readable (libgit2 looks
+        again when an object is not where it was). Only in a git directory of ours (a prepared
+        one is its owner's to maintain)."""
+        try:
+            before = pack_count(self.git_dir)
+            started = time.monotonic()
+            proc = await trio.run_process(
+                ["git", f"--git-dir={self.git_dir}", *CONSOLIDATE_ARGS], capture_stdout=True, capture_stderr=True,
+                check=False, env=self.env, start_new_session=True, deliver_cancel=_kill_group,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                log.warning("could not consolidate %d packs: %s", before, proc.stderr.decode(errors="replace").strip())
+                return
+            self.consolidations += 1
+            log.info("consolidated %d packs into %d in %.2fs", before, pack_count(self.git_dir), time.monotonic() - started)
+        except Exception as exc:  # consolidation is a help, never a reason to end the mount
+            log.warning("could not consolidate packs: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._consolidating = False
 
     async def _remove_left_packs(self, left: set[Path]) -> None:
         """Remove what a failed fetch left in the pack directory, once the grace period that
