@@ -134,6 +134,10 @@ class BlobFetchFailed(GitError):
 class ObjectMissing(GitError):
     """An object the commit shown needs is not in (or cannot be read from) the local git dir."""
 
+    @classmethod
+    def of(cls, oid: str) -> ObjectMissing:
+        return cls(f"object {oid} is missing from the local git directory")
+
 
 # --- records ----------------------------------------------------------------------------------
 # Plain dataclasses, so that reading and appending need no ORM import (the CLI's lean path); the

@@ -8,8 +8,8 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .config import Settings
 from .gitstore import configure_credential_helper, hydration_stats, store_credentials

@@ -230,11 +230,9 @@ class MountProcess:
         hydrator = self.fs.hydrator
         if hydrator is None or hydrator.git_dir != git_dir:
             # Credentials, if the repository has any, come from its git config (a store helper).
-            # The statistics file lies in a directory of root's, which an owner's process cannot write.
-            on_batch = self._write_stats if self.owner is None else None  # (see _write_stats)
             hydrator = Hydrator(git_dir, self.fs.exists, fetch_timeout=self.settings.fetch_timeout,
                                 concurrency=self.settings.fetch_concurrency, pack_limit=self.settings.pack_limit,
-                                credential_env=git_env(), on_batch=on_batch,
+                                credential_env=git_env(), on_batch=self._write_stats,
                                 own_git_dir=git_dir.parent == self.settings.git_root)  # fmt: skip
             assert self.nursery is not None
             self.nursery.start_soon(hydrator.run)

@@ -89,7 +89,7 @@ class Contents:
         try:
             return repo.odb.read(oid)[1]
         except KeyError:
-            raise ObjectMissing(f"object {oid} is missing from the local git directory") from None
+            raise ObjectMissing.of(oid) from None
 
     async def _spool_fd(self, oid: str) -> int:
         fd = self._open.get(oid)

@@ -131,7 +131,15 @@ class Hydrator:
 
     def is_pending(self, oid: str) -> bool:
         """Whether `oid` is queued for, or in, a batch already."""
-        return any(oid in self._queued[lane] or oid in self._in_flight[lane] for lane in Lane)
+        return self._pending(oid) is not None
+
+    def _pending(self, oid: str) -> _Pending | None:
+        """What `oid` is queued or in flight as, in any lane."""
+        for lanes in (self._queued, self._in_flight):
+            for pending in lanes.values():
+                if oid in pending:
+                    return pending[oid]
+        return None
 
     async def run(self) -> None:
         """The batch loops, one urgent and the rest bulk: they run for the life of the mount."""
@@ -206,15 +214,23 @@ class Hydrator:
         walk's subtree, the rest of the commit): nobody waits, and asking the object store about
         each first would cost a rescan of the pack directory per object. Returns how many were
         queued."""
+        _, queued = self._bulk(oids, owner)
+        return queued
+
+    def _bulk(self, oids: Iterable[str], owner: int | None = None) -> tuple[dict[str, _Pending], int]:
+        """Queue in the bulk lane those of `oids` that are neither here nor on their way; return
+        what each one not here waits on (queued now or before), and how many were queued now."""
+        waits: dict[str, _Pending] = {}
         queued = 0
         for oid in oids:
-            if oid in self._present or self.is_pending(oid):
-                continue
-            self._queued[Lane.BULK][oid] = _Pending(owner)
-            queued += 1
-        if queued:
-            self._wakeup[Lane.BULK].set()
-        return queued
+            pending = self._pending(oid)
+            if pending is None:
+                if oid in self._present:
+                    continue
+                pending = self._queue(Lane.BULK, oid, _Pending(owner))
+                queued += 1
+            waits[oid] = pending
+        return waits, queued
 
     async def missing_under(self, tree: str) -> list[str]:
         """The blobs under `tree` that are not here, from git itself (one process, off the event
@@ -231,16 +247,9 @@ class Hydrator:
     async def fetch_bulk(self, oids: list[str]) -> set[str]:
         """Fetch `oids`, known to be missing, in the bulk lane and wait for them (the backfill);
         returns those that could not be fetched."""
-        waits: list[tuple[str, _Pending]] = []
-        for oid in oids:
-            pending = next((lanes.get(oid) for lanes in (*self._queued.values(), *self._in_flight.values()) if oid in lanes), None)
-            if pending is None:
-                if oid in self._present:
-                    continue
-                pending = self._queue(Lane.BULK, oid, _Pending())
-            waits.append((oid, pending))
         failed = set()
-        for oid, pending in waits:
+        waits, _ = self._bulk(oids)
+        for oid, pending in waits.items():
             await pending.done.wait()
             if pending.error is not None:
                 failed.add(oid)

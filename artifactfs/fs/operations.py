@@ -42,10 +42,10 @@ import pyfuse3
 import pygit2
 
 from ..model import BlobFetchFailed, ObjectMissing
+from .contents import Contents
 from .faults import contained
 from .fsmonitor import Answers
 from .gate import Gate, GateState, process_of
-from .contents import Contents
 from .hydrator import Hydrator
 from .layers import Layers, Shown, overlay_kind
 from .nodes import (
@@ -410,7 +410,7 @@ class TreeFS(pyfuse3.Operations):
         try:
             _, size = snap.repo.odb.read_header(oid)
         except KeyError:
-            raise ObjectMissing(f"object {oid} is missing from the local git directory") from None
+            raise ObjectMissing.of(oid) from None
         return int(size)
 
     def _attr(self, node: Node, *, probe: bool = True) -> pyfuse3.EntryAttributes:
@@ -502,7 +502,7 @@ class TreeFS(pyfuse3.Operations):
     def _object(snap: Snapshot, oid: str) -> pygit2.Object:
         obj = snap.repo.get(oid)
         if obj is None:
-            raise ObjectMissing(f"object {oid} is missing from the local git directory")
+            raise ObjectMissing.of(oid)
         return obj
 
     def _contents_of(self, git_dir: Path, hydrator: Hydrator) -> Contents:
@@ -514,12 +514,17 @@ class TreeFS(pyfuse3.Operations):
             self.contents = Contents(git_dir, self.overlay.root / "spool", hydrator.env)
         return self.contents
 
-    async def _read_blob(self, node: Node, off: int, length: int) -> bytes:
+    def _present_size(self, node: Node) -> tuple[str, int]:
+        """The blob of a file that was hydrated, and its size; ObjectMissing if it is not here."""
         assert node.oid is not None
         size = self._known_size(node)
         if size is None:
-            raise ObjectMissing(f"object {node.oid} is missing from the local git directory")
-        return await node.snap.contents.read(node.oid, size, off, length)
+            raise ObjectMissing.of(node.oid)
+        return node.oid, size
+
+    async def _read_blob(self, node: Node, off: int, length: int) -> bytes:
+        oid, size = self._present_size(node)
+        return await node.snap.contents.read(oid, size, off, length)
 
     # --- changes: every one recorded in the overlay before the operation returns ---
 
@@ -572,10 +577,8 @@ class TreeFS(pyfuse3.Operations):
         data = self.overlay.new_data()
         try:
             path = self.overlay.data_path(data)
-            size = self._known_size(node) if keep and node.oid is not None else None
-            if size is not None:
-                assert node.oid is not None
-                await node.snap.contents.copy_to(node.oid, size, path)
+            if keep and node.oid is not None:
+                await node.snap.contents.copy_to(*self._present_size(node), path)
             else:
                 path.write_bytes(b"")
             self._record(node, replace(self._entry_of(node, self._path(node)), data=data, base_oid=None))
