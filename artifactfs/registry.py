@@ -370,12 +370,27 @@ class SqliteRegistry(Registry):
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             if self.read_only is None:
-                self.conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal()
                 self.conn.execute("PRAGMA synchronous=NORMAL")
             if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='repos'").fetchone():
                 self._create_schema()
             if self._projection_columns() != set(REPO_COLUMNS):
                 self._migrate_projection()
+
+    def _enable_wal(self) -> None:
+        """Put the registry in WAL mode (persistent: once per file). The switch needs the file
+        to itself, and SQLite answers SQLITE_BUSY at once, without its busy handler, while
+        another process is opening the same new registry: so wait here, as the handler would."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @staticmethod
     def _create(file: Path) -> None:

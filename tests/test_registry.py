@@ -4,6 +4,7 @@ the other wrote; and every way a registry can be unusable, as one named error.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import socket
@@ -49,7 +50,8 @@ def url_for(driver: str, tmp_path: Path, request: pytest.FixtureRequest) -> Call
     if driver == "postgresql":
         server: PostgresServer = request.getfixturevalue("postgres")
         return server.new_database
-    return lambda: f"sqlite:///{tmp_path / 'registry.db'}"
+    fresh = itertools.count()
+    return lambda: f"sqlite:///{tmp_path / f'registry-{next(fresh)}.db'}"
 
 
 def open_for(driver: str, url: str) -> Registry:
@@ -89,7 +91,10 @@ def _writer(url: str, driver: str, worker: int, count: int) -> None:
     registry.close()
 
 
-def _open_at_once(url: str, driver: str, go: Any, report: Any) -> None:
+def _open_at_once(url: str, driver: str, ready: Any, go: Any, report: Any) -> None:
+    from artifactfs import registry  # noqa: F401 - imported before the start, to meet the others there
+
+    ready.put(os.getpid())
     go.wait(60)
     try:
         registry = open_for(driver, url)
@@ -102,19 +107,24 @@ def _open_at_once(url: str, driver: str, go: Any, report: Any) -> None:
 
 def test_processes_opening_a_new_registry_at_once_all_succeed(url_for: Callable[[], str], driver: str) -> None:
     # A daemon and a CLI command meeting a registry that does not exist yet: before the schema
-    # was created IF NOT EXISTS under a lock, the loser failed with "table events already exists".
-    url = url_for()
+    # was created IF NOT EXISTS under a lock, the loser failed with "table events already exists";
+    # before the switch to WAL waited for the file, a loser failed at once with "locked". Each
+    # round starts the openers together, once every one has its imports done.
     ctx = multiprocessing.get_context("spawn")
-    go, report = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_open_at_once, args=(url, driver, go, report)) for _ in range(6)]
-    for p in procs:
-        p.start()
-    go.set()
-    results = [report.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
-    assert results == ["ok"] * len(procs)
-    assert len(open_for(driver, url).repos()) == len(procs)
+    for _round in range(4):
+        url = url_for()
+        ready, go, report = ctx.Queue(), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, driver, ready, go, report)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120)
+        go.set()
+        results = [report.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(60)
+        assert results == ["ok"] * len(procs)
+        assert len(open_for(driver, url).repos()) == len(procs)
 
 
 def test_a_role_with_data_access_alone_opens_a_registry_an_administrator_made(postgres: PostgresServer) -> None:
