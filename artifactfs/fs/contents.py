@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import pygit2
 import trio
 
 from ..model import ObjectMissing
+from .odb import ThreadOdb
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class Contents:
         self._cached_bytes = 0
         self._spooling: dict[str, trio.Event] = {}
         self._open: OrderedDict[str, int] = OrderedDict()  # oid -> fd of its spool file
-        self._threads = threading.local()
+        self._odb = ThreadOdb(git_dir)
         # What an earlier process spooled may be from a git directory since replaced: start empty.
         shutil.rmtree(spool_dir, ignore_errors=True)
 
@@ -83,11 +82,8 @@ class Contents:
 
     def _inflate(self, oid: str) -> bytes:
         """In a worker thread: the blob's content, read with that thread's repository object."""
-        repo = getattr(self._threads, "repo", None)
-        if repo is None:
-            repo = self._threads.repo = pygit2.Repository(str(self.git_dir))
         try:
-            return repo.odb.read(oid)[1]
+            return self._odb.odb().read(oid)[1]
         except KeyError:
             raise ObjectMissing.of(oid) from None
 

@@ -41,6 +41,7 @@ from ..gitstore import (
 )
 from ..model import BlobFetchFailed
 from .gate import wait_for
+from .odb import ThreadOdb
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Hydrator:
         # pack directory, which grows by one pack per batch: ask it again about an object only
         # after a batch may have brought it.
         self._present: set[str] = set()
+        self._odb = ThreadOdb(git_dir)  # what a batch brought is checked off the event loop
         self._absent: set[str] = set()  # found missing since the last batch
         self.fetch_timeout = fetch_timeout  # seconds a batch may take (ARTIFACTFS_FETCH_TIMEOUT)
         self.window = window
@@ -291,9 +293,16 @@ class Hydrator:
             log.warning("batch fetch of %d objects failed after %.2fs: %s", len(batch), elapsed, error)
         else:
             log.info("fetched %d objects in one %s transaction in %.3fs", len(batch), lane.value, elapsed)
+        # Whether the remote sent every object: asked in a worker thread, since a bulk batch holds
+        # thousands, and the FUSE loop answers meanwhile.
+        missing = set(batch)
+        if error is None:
+            missing = set(await trio.to_thread.run_sync(self._odb.missing_among, list(batch)))
         for oid, pending in batch.items():
-            if error is not None or not self.is_present(oid):
+            if oid in missing:
                 pending.error = error or "the remote did not send it"
+            else:
+                self._present.add(oid)
         if self.on_batch is not None:
             self.on_batch(self.stats)
         if error is None and self.own_git_dir and not self._consolidating and pack_count(self.git_dir) > self.pack_limit:
