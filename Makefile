@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-git bench-walks clean
+.PHONY: setup demo test bench bench-git bench-walks bench-packs clean
 
 setup: $(STAMP)
 
@@ -23,12 +23,16 @@ bench: setup
 	$(PY) bench/bench.py $(if $(REPO),--remote $(REPO)) $(BENCH_ARGS)
 	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
 	$(PY) bench/walks.py $(BENCH_WALKS_ARGS)
+	$(PY) bench/packs.py $(BENCH_PACKS_ARGS)
 
 bench-git: setup
 	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
 
 bench-walks: setup
 	$(PY) bench/walks.py $(BENCH_WALKS_ARGS)
+
+bench-packs: setup
+	$(PY) bench/packs.py $(BENCH_PACKS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
