@@ -34,7 +34,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -524,7 +524,19 @@ class TreeFS(pyfuse3.Operations):
 
     async def _read_blob(self, node: Node, off: int, length: int) -> bytes:
         oid, size = self._present_size(node)
-        return await node.snap.contents.read(oid, size, off, length)
+        return await node.snap.contents.read(oid, size, off, length, lambda: self._blobs_after(node))
+
+    def _blobs_after(self, node: Node) -> Iterator[str]:
+        """The present blobs of the files after `node` in its directory: what a walk reads next."""
+        parent = self.nodes.get(node.parent)
+        if parent is None or parent.entries is None or parent.snap is not node.snap:
+            return
+        hydrator = node.snap.hydrator
+        after = False
+        for name, shown in parent.entries.items():
+            if after and shown.kind in BLOB_KINDS and shown.oid is not None and hydrator.known_present(shown.oid):
+                yield shown.oid
+            after = after or name == node.name
 
     # --- changes: every one recorded in the overlay before the operation returns ---
 
