@@ -145,6 +145,15 @@ def test_links_modes_times_and_what_is_refused(writable: tuple[Artifactfs, Path]
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
     assert errno_of(lambda: os.link(mnt / "README.md", mnt / "hard")) == errno.EPERM
     assert errno_of(lambda: os.setxattr(mnt / "README.md", "user.x", b"1")) == errno.ENOTSUP
+    # Refused by the kernel itself after the first ask: `ls -l` asks two of every file.
+    assert errno_of(lambda: os.getxattr(mnt / "README.md", "security.selinux")) == errno.ENOTSUP
+    assert errno_of(lambda: os.listxattr(mnt / "README.md")) == errno.ENOTSUP
+    # git's fsmonitor hook reads its answer from a file that no listing shows and nobody writes.
+    question = mnt / ".artifactfs-fsmonitor:afs1:someone-else:0:0"
+    assert question.read_bytes().endswith(b"\0/\0")  # a token not this mount's: check everything
+    assert question.name not in os.listdir(mnt)
+    assert errno_of(lambda: question.write_text("x")) == errno.EPERM
+    assert errno_of(lambda: os.mkdir(mnt / ".artifactfs-fsmonitor:x")) == errno.EEXIST
     assert errno_of(lambda: (mnt / ".git").write_text("gitdir: /elsewhere\n")) == errno.EPERM
     assert errno_of(lambda: (mnt / ".git").unlink()) == errno.EPERM
     free, ours = os.statvfs(mnt), os.statvfs(writable[0].root)

@@ -2,11 +2,12 @@
 
 Only the overlay can change a mounted tree, so the mount knows every path that may differ from
 the commit shown. git asks through its fsmonitor hook (fsmonitor_hook.sh, configured as
-core.fsmonitor), which reads the answer from the mount as an extended attribute of its root:
-`user.artifactfs.fsmonitor:<token>:<page>`. The kernel checks that the asker may read the mount,
-so the answer needs no other authentication, and it comes from the one process that knows it.
-An answer larger than one attribute value comes in pages; the whole answer is kept for a while
-so that the pages of one answer agree.
+core.fsmonitor), which reads the answer from the mount as a file of its root that a lookup finds
+and no listing shows: `.artifactfs-fsmonitor:<token>`, read-only, the mount owner's, made anew by
+each lookup. The kernel checks that the asker may read the mount, so the answer needs no other
+authentication, and it comes from the one process that knows it. (It was an extended attribute
+once: but then the kernel must ask the mount about every attribute, and `ls -l` asks two per
+file; with attributes refused once for all, it asks none.)
 
 Tokens:
 - `afs1:base:<commit>`: written by preparation into a fresh index of `<commit>` (with every
@@ -28,7 +29,6 @@ import hashlib
 import shlex
 import struct
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +36,7 @@ import pygit2
 
 from .overlay import Change, EntryKind, Overlay
 
-XATTR_PREFIX = b"user.artifactfs.fsmonitor:"
-PAGE_BYTES = 60_000  # under XATTR_SIZE_MAX (64 KiB) with room for the page count
-KEPT_ANSWERS = 8
+ANSWER_PREFIX = b".artifactfs-fsmonitor:"  # the name of an answer at the root: the prefix and the token
 TOKEN_VERSION = "afs1"
 TRIVIAL = b"/\0"  # "no information": git checks everything
 HOOK = Path(__file__).with_name("fsmonitor_hook.sh")
@@ -99,30 +97,15 @@ class Answers:
     def __init__(self, overlay: Overlay) -> None:
         self.overlay = overlay
         self.epoch = uuid.uuid4().hex[:12]  # this process: what it numbered in memory dies with it
-        self._kept: OrderedDict[str, list[bytes]] = OrderedDict()
 
     @staticmethod
     def asks(name: bytes) -> bool:
-        return name.startswith(XATTR_PREFIX)
+        """Whether `name`, at the root of the mount, is a question (see ANSWER_PREFIX)."""
+        return name.startswith(ANSWER_PREFIX)
 
-    def page(self, name: bytes, repo: pygit2.Repository, shown: str) -> bytes:
-        """Page `n` of the answer to `user.artifactfs.fsmonitor:<token>:<n>`; page 0 starts with
-        the number of pages and a newline."""
-        token, _, number = name[len(XATTR_PREFIX) :].decode("utf-8", "replace").rpartition(":")
-        pages = self._kept.get(token) if number != "0" else None
-        if pages is None:
-            pages = self._paginate(self.answer(token, repo, shown))
-            self._kept[token] = pages
-            while len(self._kept) > KEPT_ANSWERS:
-                self._kept.popitem(last=False)
-        index = int(number) if number.isdigit() else 0
-        if index == 0:
-            return f"{len(pages)}\n".encode() + pages[0]
-        return pages[index] if index < len(pages) else b""
-
-    @staticmethod
-    def _paginate(answer: bytes) -> list[bytes]:
-        return [answer[i : i + PAGE_BYTES] for i in range(0, len(answer), PAGE_BYTES)] or [b""]
+    def answer_to(self, name: bytes, repo: pygit2.Repository, shown: str) -> bytes:
+        """The answer that file `.artifactfs-fsmonitor:<token>` holds."""
+        return self.answer(name[len(ANSWER_PREFIX) :].decode("utf-8", "replace"), repo, shown)
 
     def answer(self, token: str, repo: pygit2.Repository, shown: str) -> bytes:
         """git's hook answer to `token`: the new token, NUL, then the changed paths, each ended by

@@ -29,6 +29,7 @@ class Kind(enum.Enum):
     LINK = "link"
     GITLINK = "gitlink"  # a submodule: shown as an empty directory
     DOTGIT = "dotgit"  # the synthesized `.git` file at the root
+    ANSWER = "answer"  # an fsmonitor answer: found by a lookup at the root, never listed
 
 
 BLOB_KINDS = frozenset({Kind.FILE, Kind.EXEC, Kind.LINK})
@@ -46,6 +47,7 @@ KIND_MODES = {
     Kind.EXEC: stat.S_IFREG | 0o755,
     Kind.LINK: stat.S_IFLNK | 0o777,
     Kind.DOTGIT: stat.S_IFREG | 0o644,
+    Kind.ANSWER: stat.S_IFREG | 0o444,
 }
 
 
@@ -83,6 +85,7 @@ class Node:
     handles: int = 0  # open file and directory handles on this node
     mtime_ns: int | None = None  # written to since its record was last saved (on release, fsync)
     unlinked: bool = False  # removed or replaced while the kernel or a handle still holds it
+    answer: bytes | None = None  # what an ANSWER node holds (made with it, never changed)
 
     @property
     def is_dir(self) -> bool:

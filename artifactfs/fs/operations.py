@@ -390,6 +390,8 @@ class TreeFS(pyfuse3.Operations):
     def _known_size(self, node: Node, *, probe: bool = True) -> int | None:
         if node.kind is Kind.DOTGIT:
             return len(node.snap.dotgit)
+        if node.answer is not None:
+            return len(node.answer)
         if node.is_dir:
             return 4096
         if node.data is not None:
@@ -438,6 +440,8 @@ class TreeFS(pyfuse3.Operations):
         # An unhydrated blob's size is unknown: a timeout of 0 makes the kernel ask (getattr)
         # before it relies on it, and that is when the blob is fetched.
         attr.attr_timeout = CACHE_SECONDS if size is not None else 0
+        if node.kind is Kind.ANSWER:  # asked again, a question gets a new answer, never a cached one
+            attr.entry_timeout = attr.attr_timeout = 0
         return attr
 
     async def _hydrate(self, node: Node, caller_tid: int | None, *, alone: bool = False) -> None:
@@ -639,8 +643,8 @@ class TreeFS(pyfuse3.Operations):
     def _check_name(parent: Node, name: bytes) -> None:
         if len(name) > NAME_MAX:
             raise fuse_error(errno.ENAMETOOLONG)
-        if parent.inode == pyfuse3.ROOT_INODE and name == b".git":
-            raise fuse_error(errno.EPERM)  # git's own: it points at the repository
+        if parent.inode == pyfuse3.ROOT_INODE and (name == b".git" or Answers.asks(name)):
+            raise fuse_error(errno.EPERM)  # git's own (it points at the repository), or a question
         if parent.kind is Kind.GITLINK:
             raise fuse_error(errno.EPERM)  # a submodule's place, not a directory of ours
 
@@ -700,6 +704,8 @@ class TreeFS(pyfuse3.Operations):
         node = handle.node
         if node.kind is Kind.DOTGIT:
             return node.snap.dotgit[off : off + size]
+        if node.answer is not None:
+            return node.answer[off : off + size]
         if node.data is not None:
             return os.pread(self._fd(handle), size, off)
         # pyfuse3 does not say who reads: the opener's thread may not be the reader (another
@@ -768,6 +774,8 @@ class TreeFS(pyfuse3.Operations):
             node = self._node(parent.parent)
         elif not parent.is_dir:
             raise fuse_error(errno.ENOTDIR)
+        elif parent_inode == pyfuse3.ROOT_INODE and Answers.asks(name):
+            node = self._answer(name)
         else:
             node = self._child(parent, name)
         if node is None:
@@ -779,6 +787,18 @@ class TreeFS(pyfuse3.Operations):
             raise
         node.lookups += 1
         return attr
+
+    def _answer(self, name: bytes) -> Node:
+        """A file that holds the fsmonitor answer the name asks for (see fsmonitor.py): made for
+        this lookup alone, in no listing, gone once the kernel forgets it."""
+        self.follow_head_safely()  # git asks before it uses the index: catch up with HEAD first
+        snap = self._snap()
+        answer = self.fsmonitor.answer_to(name, snap.repo, str(snap.commit.id))
+        inode = self.next_inode
+        self.next_inode += 1
+        node = self.nodes[inode] = Node(inode, pyfuse3.ROOT_INODE, name, Kind.ANSWER, None, snap, unlinked=True,
+                                        answer=answer)  # fmt: skip
+        return node
 
     def _absence(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
         """An absent name, which the kernel may cache (an entry with inode 0) until a new commit
@@ -813,7 +833,7 @@ class TreeFS(pyfuse3.Operations):
             raise fuse_error(errno.EISDIR)
         writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         truncate = bool(flags & os.O_TRUNC) and writable
-        if node.kind is Kind.DOTGIT and (writable or truncate):
+        if node.kind in (Kind.DOTGIT, Kind.ANSWER) and (writable or truncate):
             raise fuse_error(errno.EPERM)
         if writable:
             await self._copy_up(node, keep=not truncate, caller_tid=ctx.pid)
@@ -823,7 +843,7 @@ class TreeFS(pyfuse3.Operations):
         else:
             await self._hydrate(node, ctx.pid)
         fh = self._open_handle(node, writable=writable, append=bool(flags & os.O_APPEND))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not truncate)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not truncate and node.kind is not Kind.ANSWER)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -956,7 +976,7 @@ class TreeFS(pyfuse3.Operations):
             raise fuse_error(errno.EPERM)  # every file here is the mount owner's
         if not (fields.update_size or fields.update_mode or fields.update_mtime):
             return self._attr(node)  # atime, ctime and an unchanged owner are not kept
-        if node.kind is Kind.DOTGIT:
+        if node.kind in (Kind.DOTGIT, Kind.ANSWER):
             raise fuse_error(errno.EPERM)
         if fields.update_size:
             await self._copy_up(node, keep=attr.st_size > 0, caller_tid=ctx.pid)
@@ -978,25 +998,21 @@ class TreeFS(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> None:
         await self.gate.wait(ctx.pid)  # default_permissions: the kernel checks the modes
 
+    # Extended attributes: git records none. ENOSYS tells the kernel so, once for each call, and it
+    # answers every later one itself with EOPNOTSUPP (ENOTSUP): `ls -l` asks for two attributes
+    # of every file it lists (SELinux's label and the ACL), a round trip each otherwise.
+
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        await self.gate.wait(ctx.pid)
-        if inode == pyfuse3.ROOT_INODE and self.fsmonitor.asks(name):
-            self.follow_head_safely()  # git asks before it uses the index: catch up with HEAD first
-            snap = self._snap()
-            return self.fsmonitor.page(name, snap.repo, str(snap.commit.id))
-        raise fuse_error(errno.ENODATA)
+        raise fuse_error(errno.ENOSYS)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        await self.gate.wait(ctx.pid)
-        return []
+        raise fuse_error(errno.ENOSYS)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.gate.wait(ctx.pid)
-        raise fuse_error(errno.ENOTSUP)  # git records no extended attributes
+        raise fuse_error(errno.ENOSYS)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.gate.wait(ctx.pid)
-        raise fuse_error(errno.ENOTSUP)
+        raise fuse_error(errno.ENOSYS)
 
     # --- the placeholder ---
 
