@@ -317,9 +317,14 @@ SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT = 5, 6
 SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 13, 14, 26
 
 
+def primary_code(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code of `exc` (the low byte of its extended code; 0 if none)."""
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
 def sqlite_failure(exc: sqlite3.Error, path: Path, busy_timeout: float, read_only: str | None = None) -> RegistryError:
     """The named error, with what to do, for what SQLite reported about the registry at `path`."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    code = primary_code(exc)
     if code in (SQLITE_BUSY, SQLITE_LOCKED):
         return RegistryBusy(
             f"the registry {path} stayed locked by another process for more than {busy_timeout:g}s: "
@@ -387,8 +392,7 @@ class SqliteRegistry(Registry):
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as exc:
-                busy = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
-                if not busy or time.monotonic() > deadline:
+                if primary_code(exc) not in (SQLITE_BUSY, SQLITE_LOCKED) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
 

@@ -67,6 +67,11 @@ def serve(base: Path, name: str, history: Callable[[_FastImport], None]) -> GitD
     return daemon
 
 
+def serve_tree(base: Path, name: str, tree: dict[str, bytes]) -> GitDaemon:
+    """`serve` a repository of one commit on main: `tree`."""
+    return serve(base, name, lambda fi: fi.commit("refs/heads/main", f"{name}\n", 1_700_000_000, None, _changes(tree)))
+
+
 def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
     files = monorepo_files()
 

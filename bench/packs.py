@@ -31,7 +31,8 @@ sys.path.insert(0, str(HERE))
 
 import bench as harness  # noqa: E402  (bench/bench.py: installations, clean-up)
 import git_in_mount as monorepo  # noqa: E402
-from tests.gitremote import GitDaemon, _changes, git_env  # noqa: E402
+from artifactfs.gitstore import pack_count  # noqa: E402
+from tests.gitremote import GitDaemon, git_env  # noqa: E402
 
 NAME = "packs"
 AREAS, GROUPS, UNITS = 21, 10, 10
@@ -54,8 +55,7 @@ def files() -> dict[str, bytes]:
 
 def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
     tree = files()
-    daemon = monorepo.serve(base, NAME, lambda fi: fi.commit("refs/heads/main", "packs\n", 1_700_000_000, None, _changes(tree)))
-    return daemon, tree
+    return monorepo.serve_tree(base, NAME, tree), tree
 
 
 def read_latency(path: Path) -> float:
@@ -69,10 +69,6 @@ def cat_latency(clone: Path, path: str) -> float:
     subprocess.run(["git", "-C", str(clone), "cat-file", "-p", f"HEAD:{path}"], check=True, stdout=subprocess.DEVNULL,
                    env=git_env())  # fmt: skip
     return time.perf_counter() - start
-
-
-def packs_in(git_dir: Path) -> int:
-    return sum(1 for _ in (git_dir / "objects" / "pack").glob("*.pack"))
 
 
 def through_mount(base: Path, daemon: GitDaemon, janitor: harness.Janitor, pack_limit: int | None) -> dict[str, float]:
@@ -90,7 +86,7 @@ def through_mount(base: Path, daemon: GitDaemon, janitor: harness.Janitor, pack_
         raise RuntimeError(f"{len(latencies)} reads took {transactions} transactions")
     git_dir = next((inst.root / "git").glob("*.git"))
     result = window_medians(latencies)
-    result["packs"] = packs_in(git_dir)
+    result["packs"] = pack_count(git_dir)
     inst.stop_daemon()
     return result
 
@@ -101,7 +97,7 @@ def plain_git(base: Path, daemon: GitDaemon) -> dict[str, float]:
                    check=True, env=git_env())  # fmt: skip
     latencies = [cat_latency(clone, f"{unit}/main.c") for unit in units()[: LATE.stop]]
     result = window_medians(latencies)
-    result["packs"] = packs_in(clone / ".git")
+    result["packs"] = pack_count(clone / ".git")
     return result
 
 

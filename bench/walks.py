@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import bench as harness  # noqa: E402  (bench/bench.py: installations, clean-up)
 import git_in_mount as monorepo  # noqa: E402
-from tests.gitremote import GitDaemon, _changes, git_env  # noqa: E402
+from tests.gitremote import GitDaemon, git_env  # noqa: E402
 
 NAME = "walks"
 LARGE = {"assets/video.bin": 24 * 1024 * 1024, "assets/model.bin": 12 * 1024 * 1024}
@@ -54,8 +54,7 @@ def files() -> dict[str, bytes]:
 
 def make_remote(base: Path) -> tuple[GitDaemon, dict[str, bytes]]:
     tree = files()
-    daemon = monorepo.serve(base, NAME, lambda fi: fi.commit("refs/heads/main", "walks\n", 1_700_000_000, None, _changes(tree)))
-    return daemon, tree
+    return monorepo.serve_tree(base, NAME, tree), tree
 
 
 def timed(argv: list[str], cwd: Path) -> float:

@@ -95,8 +95,8 @@ class Hydrator:
         # pack directory, which grows by one pack per batch: ask it again about an object only
         # after a batch may have brought it.
         self._present: set[str] = set()
-        self._odb = ThreadOdb(git_dir)  # what a batch brought is checked off the event loop
         self._absent: set[str] = set()  # found missing since the last batch
+        self._odb = ThreadOdb(git_dir)  # what a batch brought is checked off the event loop
         self.fetch_timeout = fetch_timeout  # seconds a batch may take (ARTIFACTFS_FETCH_TIMEOUT)
         self.window = window
         self.max_batch = max_batch
