@@ -20,6 +20,7 @@ from .model import ArtifactError, InvalidInput
 from .remotes import escaped, printable, redact, unprintable
 
 if TYPE_CHECKING:
+    from .model import RepoState
     from .registry import Registry
 
 PROG = "artifactfs"
@@ -34,7 +35,7 @@ def open_registry(settings: Settings) -> "Registry":
     from .registry import open_registry
 
     settings.ensure_dirs()
-    registry = open_registry(settings.database_url, busy_timeout=settings.db_busy_timeout)
+    registry = open_registry(settings.database_url, host=settings.host, busy_timeout=settings.db_busy_timeout)
     _opened.append(registry)
     return registry
 
@@ -56,24 +57,45 @@ def read_remote(stdin: TextIO) -> str:
 # --- commands ---
 
 
+def scoped_registry(settings: Settings, host: str | None) -> "Registry":
+    """The registry as `--host` sees it (this host, ARTIFACTFS_HOST, by default)."""
+    from .remotes import validate_host
+
+    registry = open_registry(settings)
+    return registry if host is None else registry.for_host(validate_host(host))
+
+
+def listed_repos(args: argparse.Namespace, settings: Settings) -> list["RepoState"]:
+    """The repositories a listing shows: one host's (--host, default this one), or every host's."""
+    if args.all_hosts and args.host is not None:
+        raise InvalidInput("--host and --all-hosts do not go together: give one of them")
+    return scoped_registry(settings, args.host).repos(all_hosts=args.all_hosts)
+
+
+def on_host(settings: Settings, host: str) -> str:
+    """' on H' when a command acts on another host than this one."""
+    return "" if host == settings.host else f" on {host}"
+
+
 def cmd_add_repo(args: argparse.Namespace, settings: Settings) -> int:
     from .remotes import validate_name
     from .repos import add_repo, add_repo_async, parse_add_request
 
     validate_name(args.name)
     remote = read_remote(sys.stdin) if args.remote == "-" else args.remote
-    registry = open_registry(settings)
+    registry = scoped_registry(settings, args.host)
     req = parse_add_request(
         settings, registry, args.name, remote, args.ref, args.mount_root,
         prepared_gitdir=args.prepared_gitdir, git_dir=args.git_dir, fetch_ref=args.fetch_ref, owner=args.owner,
         blob_filter=args.blob_filter,
     )  # fmt: skip
+    where = on_host(settings, registry.host)
     if args.asynchronous:
         add_repo_async(settings, registry, req)
-        print(f"queued {req.name}")
+        print(f"queued {req.name}{where}")
     else:
         add_repo(settings, registry, req)
-        print(f"added {req.name}")
+        print(f"added {req.name}{where}")
     return 0
 
 
@@ -81,19 +103,22 @@ def cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
     from .remotes import validate_name
     from .repos import request_prepare
 
-    request = request_prepare(settings, open_registry(settings), validate_name(args.name))
+    registry = scoped_registry(settings, args.host)
+    request = request_prepare(settings, registry, validate_name(args.name))
+    where = on_host(settings, registry.host)
     if request.head is None:
-        print(f"queued {args.name} (attempt {request.attempt})")
+        print(f"queued {args.name}{where} (attempt {request.attempt})")
     else:
-        print(f"prepared {args.name} (attempt {request.attempt}, head {request.head})")
+        print(f"prepared {args.name}{where} (attempt {request.attempt}, head {request.head})")
     return 0
 
 
 def cmd_list_repos(args: argparse.Namespace, settings: Settings) -> int:
     from .repos import display_state
 
-    for repo in open_registry(settings).repos():
-        print(f"{repo.name}\t{display_state(repo).value}\t{repo.remote_url}\t{repo.ref}\t{repo.mount_path}")
+    for repo in listed_repos(args, settings):
+        state = display_state(settings, repo).value
+        print(f"{repo.name}\t{state}\t{repo.remote_url}\t{repo.ref}\t{repo.mount_path}\thost={repo.host}")
     return 0
 
 
@@ -103,14 +128,19 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.name is not None:
         validate_name(args.name)
-    registry = open_registry(settings)
-    if args.name is not None:
-        repos = [registry.require(args.name)]
+        if args.all_hosts:
+            repos = [r for r in listed_repos(args, settings) if r.name == args.name]
+            if not repos:
+                from .model import UnknownRepo
+
+                raise UnknownRepo(args.name)
+        else:
+            repos = [scoped_registry(settings, args.host).require(args.name)]
     else:
-        repos = registry.repos()
+        repos = listed_repos(args, settings)
     rows = [status_row(settings, repo) for repo in repos]
     if args.json:
-        print(json.dumps(rows if args.name is None else rows[0], indent=2))
+        print(json.dumps(rows if args.name is None or args.all_hosts else rows[0], indent=2))
     else:
         for row in rows:
             print(" ".join(f"{key}={shlex.quote(str(value)) if value != '' else ''}" for key, value in row.items()))
@@ -122,8 +152,9 @@ def cmd_remove_repo(args: argparse.Namespace, settings: Settings) -> int:
     from .repos import remove_repo
 
     validate_name(args.name)
-    remove_repo(settings, open_registry(settings), args.name)
-    print(f"removed {args.name}")
+    registry = scoped_registry(settings, args.host)
+    remove_repo(settings, registry, args.name)
+    print(f"removed {args.name}{on_host(settings, registry.host)}")
     return 0
 
 
@@ -131,15 +162,16 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     from .remotes import validate_name
 
     validate_name(args.name)
-    registry = open_registry(settings)
-    events = registry.events(args.name)
+    if args.all_hosts and args.host is not None:
+        raise InvalidInput("--host and --all-hosts do not go together: give one of them")
+    events = scoped_registry(settings, args.host).events(args.name, all_hosts=args.all_hosts)
     if not events:
         from .model import UnknownRepo
 
         raise UnknownRepo(args.name)
     if args.json:
         print(json.dumps([
-            {"position": e.id, "version": e.version, "type": e.type, "time": e.created_at.isoformat(),
+            {"position": e.id, "host": e.host, "version": e.version, "type": e.type, "time": e.created_at.isoformat(),
              "job_id": e.job_id, "payload": e.payload}
             for e in events
         ], indent=2))  # fmt: skip
@@ -147,7 +179,20 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     for e in events:
         payload = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in e.payload.items())
         job = f" job={e.job_id}" if e.job_id else ""
-        print(f"{e.created_at.isoformat(timespec='milliseconds')} v{e.version} {e.type}{job} {payload}".rstrip())
+        print(f"{e.created_at.isoformat(timespec='milliseconds')} host={e.host} v{e.version} {e.type}{job} {payload}".rstrip())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from .registry import migrate_registry
+    from .schema import HEAD
+
+    settings.ensure_dirs()
+    applied = migrate_registry(settings.database_url, settings.host, settings.db_busy_timeout)
+    if applied:
+        print(f"migrated the registry to revision {HEAD} (applied {', '.join(applied)})")
+    else:
+        print(f"the registry is at revision {HEAD}: nothing to migrate")
     return 0
 
 
@@ -196,6 +241,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{PROG}: error: {printable(redact(message))} (see: {self.prog} --help)\n")
 
 
+def host_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--host", metavar="HOST", help=f"{what} (default: this host, $ARTIFACTFS_HOST)")
+
+
+def hosts_options(p: argparse.ArgumentParser) -> None:
+    host_option(p, "the repositories of HOST")
+    p.add_argument("--all-hosts", action="store_true", help="the repositories of every host of the fleet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
@@ -227,25 +281,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", metavar="USER",
                    help="user (name or uid) the mounted files and the git directory belong to, so that "
                         "this user's git works in the mount (default: root)")
+    host_option(p, "register it for HOST of the fleet: its mountd mounts it and its worker prepares it")
     p.add_argument("--filter", dest="blob_filter", metavar="FILTER",
                    help="partial-clone filter: blob:none (default: no file content arrives with the clone) or "
                         "blob:limit=SIZE (files smaller than SIZE, e.g. 64k, arrive with it, and their sizes)")
 
     p = command("prepare", cmd_prepare, "prepare a repository again (after a failure, or to refresh it)")
     p.add_argument("--name", required=True)
+    host_option(p, "the repository of HOST")
 
-    command("list-repos", cmd_list_repos, "list registered repositories")
+    p = command("list-repos", cmd_list_repos, "list registered repositories")
+    hosts_options(p)
 
     p = command("status", cmd_status, "show state, head and hydration of repositories")
     p.add_argument("--name", help="only this repository")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    hosts_options(p)
 
     p = command("remove-repo", cmd_remove_repo, "unmount a repository and delete its state")
     p.add_argument("--name", required=True)
+    host_option(p, "the repository of HOST (its mountd unmounts it and deletes its state)")
 
     p = command("events", cmd_events, "show the event history of a repository")
     p.add_argument("--name", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    hosts_options(p)
+
+    command("migrate", cmd_migrate, "bring the registry's schema to this version's (artifactfs up runs it)")
 
     command("daemon", cmd_daemon, "run mountd: mount every registered repository until SIGTERM")
 

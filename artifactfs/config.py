@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .model import BackfillPolicy, InvalidInput, RepoState
+from .remotes import validate_host
 
 T = TypeVar("T")
 
@@ -156,6 +157,10 @@ class Settings:
         if path.stat().st_mode & 0o777 == PRIVATE_DIR_MODE:
             os.chmod(path, OWNED_TRAVERSE_MODE)
 
+    def registration_mark(self, name: str) -> Path:
+        """Which registration of `name` the state here belongs to (repos.forget_earlier_registration)."""
+        return self.repo_state_dir(name) / "registered-at"
+
     def stats_file(self, name: str) -> Path:
         return self.repo_state_dir(name) / "fetch-stats.json"
 
@@ -254,7 +259,7 @@ def load_settings() -> Settings:
         database_url=database_url,
         mount_root=mount_root,
         redis_url=os.environ.get("ARTIFACTFS_REDIS_URL") or None,
-        host=os.environ.get("ARTIFACTFS_HOST") or socket.gethostname(),
+        host=validate_host(os.environ.get("ARTIFACTFS_HOST") or socket.gethostname(), "ARTIFACTFS_HOST"),
         prepare_deadline=_env("ARTIFACTFS_PREPARE_DEADLINE", _positive, 1800.0, seconds),
         job_soft_limit=_env("ARTIFACTFS_JOB_SOFT_LIMIT", _positive, 1500.0, seconds),
         job_hard_limit=_env("ARTIFACTFS_JOB_HARD_LIMIT", _positive, 1700.0, seconds),

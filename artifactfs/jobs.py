@@ -30,6 +30,7 @@ from .model import ArtifactError, GitError, Phase, PrepareState, PrepareTimeout,
 from .prepare import Patience, Preparation, fail_attempt
 from .procs import all_pids, parent_pid
 from .registry import Registry, open_registry
+from .repos import forget_earlier_registration
 from .remotes import redact, validate_name
 
 log = logging.getLogger("artifactfs.jobs")
@@ -51,16 +52,18 @@ class PrepareOutcome(str, enum.Enum):
     SKIPPED = "skipped"  # nothing to do: removed, already prepared, superseded, or not a worker's
 
 
-def task_id(name: str, attempt_version: int) -> str:
-    """Deterministic per attempt: a duplicate publish of the same attempt is the same job."""
-    return f"prepare:{name}:{attempt_version}"
+def task_id(host: str, name: str, attempt_version: int) -> str:
+    """Deterministic per attempt of a repository on a host: a duplicate publish of the same attempt
+    is the same job, and the same name on two hosts makes two jobs (the ids also make the dedupe
+    keys of what a job appends)."""
+    return f"prepare:{host}:{name}:{attempt_version}"
 
 
 def publish_prepare(settings: Settings, repo: RepoState) -> str:
     """Send the prepare job of `repo`'s current attempt to this host's queue."""
     from workers.app import app
 
-    tid = task_id(repo.name, repo.attempt_version)
+    tid = task_id(settings.host, repo.name, repo.attempt_version)
     app.send_task(
         PREPARE_TASK,
         kwargs={"repo": repo.name, "attempt": repo.prepare_attempt, "version": repo.attempt_version, "host": settings.host},
@@ -111,7 +114,7 @@ def run_prepare_job(
     validate_name(name)  # before a lock file or a directory is derived from it
     become_subreaper()
     patience = Patience(REGISTRY_PATIENCE * settings.db_busy_timeout)
-    registry = patience.retry(lambda: open_registry(settings.database_url), name)
+    registry = patience.retry(lambda: open_registry(settings.database_url, host=settings.host), name)
     try:
         return PrepareJob(settings, registry, name, attempt_version, job_id, patience, may_retry, time_limit_error).run()
     finally:
@@ -166,6 +169,8 @@ class PrepareJob:
         repo = self._claim()
         if repo is None:
             return PrepareOutcome.SKIPPED
+        if forget_earlier_registration(self.settings, repo):
+            log.info("%s: discarded what an earlier registration of the name left on this host", self.name)
         preparation = Preparation(self.settings, self.registry, repo, self.job_id, patience=self.patience,
                                   failpoint=failpoint_from_env())  # fmt: skip
         try:

@@ -38,6 +38,7 @@ class DisplayState(str, enum.Enum):
     """What `status` shows: READY splits into mounted and unmounted on this host."""
 
     PREPARING = "preparing"
+    READY = "ready"  # ready on another host: whether it is mounted there cannot be seen from here
     MOUNTED = "mounted"
     UNMOUNTED = "unmounted"
     STALE = "stale"  # ready, but its mount answers "Transport endpoint is not connected"
@@ -102,6 +103,10 @@ class RegistryBusy(RegistryError):
     is unreachable: worth retrying later (jobs do; the CLI reports it)."""
 
 
+class PrepareFailed(ArtifactError):
+    """A preparation this command waited for ended in `failed`: the message holds its error."""
+
+
 class PrepareTimeout(ArtifactError):
     """A prepare job ran past its time limit."""
 
@@ -162,6 +167,9 @@ class RepoState:
     ref: str
     mount_path: str
     git_dir: str
+    # The host whose mountd mounts it and whose worker prepares it (add-repo --host). Names are
+    # unique per host: the same repository may be registered on many hosts.
+    host: str = ""
     fetch_ref: str | None = None
     prepared_gitdir: bool = False
     asynchronous: bool = False
@@ -194,13 +202,14 @@ class EventRecord:
     """One entry of the append-only log."""
 
     stream: str  # the repository's name
-    version: int  # 1, 2, 3, ... within the stream
+    version: int  # 1, 2, 3, ... within the stream of (host, name)
     type: str
     payload: dict[str, Any]
     created_at: datetime
     job_id: str | None = None
     dedupe_key: str | None = None  # set by jobs that may run twice: a second append is a no-op
     id: int | None = None  # global position in the log, assigned on append
+    host: str = ""  # a stream is a repository name on one host
 
     @property
     def kind(self) -> EventType:

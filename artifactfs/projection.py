@@ -14,6 +14,7 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
     if kind is EventType.REGISTERED:
         repo = RepoState(
             name=ev.stream,
+            host=ev.host,
             remote_url=p["remote_url"],
             ref=p["ref"],
             mount_path=p["mount_path"],
@@ -58,8 +59,10 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
     return repo
 
 
-def fold(events: Iterable[EventRecord]) -> dict[str, RepoState]:
-    state: dict[str, RepoState | None] = {}
+def fold(events: Iterable[EventRecord]) -> dict[tuple[str, str], RepoState]:
+    """Every registered repository, by (host, name)."""
+    state: dict[tuple[str, str], RepoState | None] = {}
     for ev in events:
-        state[ev.stream] = apply_event(state.get(ev.stream), ev)
-    return {name: repo for name, repo in state.items() if repo is not None}
+        key = (ev.host, ev.stream)
+        state[key] = apply_event(state.get(key), ev)
+    return {key: repo for key, repo in state.items() if repo is not None}

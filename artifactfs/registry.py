@@ -1,5 +1,9 @@
 """The registry: the append-only event log and the `repos` projection folded from it.
 
+A stream is a repository name on one host: every event and every projection row names its host,
+and a Registry object reads and writes one host's repositories (`for_host` gives another's view,
+`all_hosts=True` reads every host's).
+
 Every change of a repository is appended to `events` in one transaction together with the update
 of its `repos` row, so the projection can always be rebuilt from the log (`Registry.rebuild`).
 Writers decide what to append inside the write transaction (`Registry.append(stream, decide)`),
@@ -14,6 +18,16 @@ Two drivers serve the same tables (defined once, as SQLModel tables, in tables.p
 - Any other URL (PostgreSQL for a fleet) through SQLAlchemy on the SQLModel tables.
 The append algorithm and the projection are shared; a driver only moves rows.
 
+Followers read the log by position (`events(after=N)`), so positions must become visible in
+order: a reader that has seen position N must never later find a smaller one committed. SQLite
+has one writer at a time, so that holds by itself. PostgreSQL hands out positions from a sequence
+at insert time, while transactions commit in any order; there every append takes one advisory
+lock for its transaction, so that positions are assigned and committed in the same order.
+Appends are a few milliseconds each, and one at a time across the fleet is far from a limit.
+
+Opening a registry checks its schema's revision (schema.py): a new database is created at once,
+one made by an older artifactfs waits for `artifactfs migrate`.
+
 Both drivers turn their database errors into the named errors of model.py, each message naming
 the file or (redacted) URL and what to do: RegistryBusy for what is worth retrying (locked for
 longer than the busy timeout, a server that does not answer), RegistryError for what is not
@@ -21,6 +35,7 @@ longer than the busy timeout, a server that does not answer), RegistryError for 
 """
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -47,12 +62,14 @@ from .model import (
     UnknownRepo,
     utcnow,
 )
+from . import schema
 from .projection import apply_event, fold
 from .remotes import redact
 
 REPO_COLUMNS = tuple(f.name for f in fields(RepoState))
 EVENT_COLUMNS = tuple(f.name for f in fields(EventRecord))
 APPEND_ATTEMPTS = 50
+APPEND_LOCK_KEY = 0x61667331  # PostgreSQL's advisory lock that appends take ("afs1")
 
 Decide = Callable[[RepoState | None], Sequence[NewEvent]]
 
@@ -61,7 +78,7 @@ class Tx(ABC):
     """The row moves a driver provides, inside one transaction."""
 
     @abstractmethod
-    def current_version(self, stream: str) -> int: ...
+    def current_version(self, host: str, stream: str) -> int: ...
 
     @abstractmethod
     def seen(self, dedupe_keys: list[str]) -> set[str]: ...
@@ -70,28 +87,38 @@ class Tx(ABC):
     def insert_event(self, ev: EventRecord) -> int: ...
 
     @abstractmethod
-    def get_repo(self, name: str) -> RepoState | None: ...
+    def get_repo(self, host: str, name: str) -> RepoState | None: ...
 
     @abstractmethod
-    def list_repos(self) -> list[RepoState]: ...
+    def list_repos(self, host: str | None) -> list[RepoState]:
+        """One host's repositories (every host's if None), by host and name."""
 
     @abstractmethod
     def put_repo(self, repo: RepoState) -> None: ...
 
     @abstractmethod
-    def delete_repo(self, name: str) -> None: ...
+    def delete_repo(self, host: str, name: str) -> None: ...
 
     @abstractmethod
-    def list_events(self, stream: str | None, after: int) -> list[EventRecord]: ...
+    def list_events(self, host: str | None, stream: str | None, after: int) -> list[EventRecord]:
+        """Events after position `after`, in log order: of one host (every host's if None), of
+        one stream (every stream's if None)."""
 
     @abstractmethod
     def position(self) -> int: ...
 
 
 class Registry(ABC):
-    """The event log and its projection behind one database URL."""
+    """The event log and its projection behind one database URL, as one host sees it."""
 
     url: str
+    host: str
+
+    def for_host(self, host: str) -> Registry:
+        """The same registry (and connection) as host `host` sees it. Closing the original closes it."""
+        view = copy.copy(self)
+        view.host = host
+        return view
 
     @abstractmethod
     def _write(self) -> Any:
@@ -115,7 +142,7 @@ class Registry(ABC):
         for attempt in range(APPEND_ATTEMPTS):
             try:
                 with self._write() as tx:
-                    return self._append(tx, stream, decide, expected_version)
+                    return self._append(tx, self.host, stream, decide, expected_version)
             except self._version_clash_errors() as exc:
                 # Another writer took our version first (only where writers do not lock up front):
                 # decide again on the new state, unless the caller pinned the version it expected.
@@ -125,11 +152,11 @@ class Registry(ABC):
         raise ConcurrencyConflict(f"could not append to stream {stream!r}: too much contention")
 
     @staticmethod
-    def _append(tx: Tx, stream: str, decide: Decide, expected_version: int | None) -> list[EventRecord]:
-        version = tx.current_version(stream)
+    def _append(tx: Tx, host: str, stream: str, decide: Decide, expected_version: int | None) -> list[EventRecord]:
+        version = tx.current_version(host, stream)
         if expected_version is not None and version != expected_version:
             raise ConcurrencyConflict(f"stream {stream!r} is at version {version}, expected {expected_version}")
-        repo = tx.get_repo(stream)
+        repo = tx.get_repo(host, stream)
         new_events = list(decide(repo))
         seen = tx.seen([e.dedupe_key for e in new_events if e.dedupe_key])
         appended: list[EventRecord] = []
@@ -138,13 +165,13 @@ class Registry(ABC):
             if new.dedupe_key and new.dedupe_key in seen:
                 continue
             version += 1
-            ev = EventRecord(stream, version, new.type.value, new.payload, now, new.job_id, new.dedupe_key)
+            ev = EventRecord(stream, version, new.type.value, new.payload, now, new.job_id, new.dedupe_key, host=host)
             ev.id = tx.insert_event(ev)
             appended.append(ev)
             repo = apply_event(repo, ev)
         if appended:
             if repo is None:
-                tx.delete_repo(stream)
+                tx.delete_repo(host, stream)
             else:
                 tx.put_repo(repo)
         return appended
@@ -159,9 +186,9 @@ class Registry(ABC):
 
     @staticmethod
     def _refold(tx: Tx) -> None:
-        state = fold(tx.list_events(None, 0))
-        for repo in tx.list_repos():
-            tx.delete_repo(repo.name)
+        state = fold(tx.list_events(None, None, 0))
+        for repo in tx.list_repos(None):
+            tx.delete_repo(repo.host, repo.name)
         for repo in state.values():
             tx.put_repo(repo)
 
@@ -169,7 +196,7 @@ class Registry(ABC):
 
     def get(self, name: str) -> RepoState | None:
         with self._read() as tx:
-            return tx.get_repo(name)
+            return tx.get_repo(self.host, name)
 
     def require(self, name: str) -> RepoState:
         repo = self.get(name)
@@ -177,22 +204,22 @@ class Registry(ABC):
             raise UnknownRepo(name)
         return repo
 
-    def repos(self) -> list[RepoState]:
+    def repos(self, *, all_hosts: bool = False) -> list[RepoState]:
         with self._read() as tx:
-            return tx.list_repos()
+            return tx.list_repos(None if all_hosts else self.host)
 
-    def events(self, stream: str | None = None, *, after: int = 0) -> list[EventRecord]:
+    def events(self, stream: str | None = None, *, after: int = 0, all_hosts: bool = False) -> list[EventRecord]:
         with self._read() as tx:
-            return tx.list_events(stream, after)
+            return tx.list_events(None if all_hosts else self.host, stream, after)
 
     def position(self) -> int:
-        """The global position of the newest event (0 for an empty log)."""
+        """The global position of the newest event of every host (0 for an empty log)."""
         with self._read() as tx:
             return tx.position()
 
-    def folded(self) -> dict[str, RepoState]:
-        """The projection as the log alone says it should be (for checks and repairs)."""
-        return fold(self.events())
+    def folded(self) -> dict[tuple[str, str], RepoState]:
+        """The projection as the log alone says it should be, by (host, name) (for checks)."""
+        return fold(self.events(all_hosts=True))
 
 
 # --- SQLite through the standard library ----------------------------------------------------------
@@ -228,12 +255,23 @@ def _event_from_sqlite(row: sqlite3.Row) -> EventRecord:
     return EventRecord(**data)
 
 
+def _where(*conditions: tuple[str, object]) -> tuple[str, list[object]]:
+    """A WHERE clause of the conditions ("host = ?", value) whose value is not None (None: any),
+    and its arguments."""
+    given = [(condition, value) for condition, value in conditions if value is not None]
+    if not given:
+        return "", []
+    return " WHERE " + " AND ".join(condition for condition, _ in given), [value for _, value in given]
+
+
 class SqliteTx(Tx):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def current_version(self, stream: str) -> int:
-        return self.conn.execute("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)).fetchone()[0]
+    def current_version(self, host: str, stream: str) -> int:
+        return self.conn.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM events WHERE host = ? AND stream = ?", (host, stream)
+        ).fetchone()[0]
 
     def seen(self, dedupe_keys: list[str]) -> set[str]:
         if not dedupe_keys:
@@ -250,12 +288,13 @@ class SqliteTx(Tx):
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
-    def get_repo(self, name: str) -> RepoState | None:
-        row = self.conn.execute("SELECT * FROM repos WHERE name = ?", (name,)).fetchone()
+    def get_repo(self, host: str, name: str) -> RepoState | None:
+        row = self.conn.execute("SELECT * FROM repos WHERE host = ? AND name = ?", (host, name)).fetchone()
         return _repo_from_sqlite(row) if row else None
 
-    def list_repos(self) -> list[RepoState]:
-        return [_repo_from_sqlite(r) for r in self.conn.execute("SELECT * FROM repos ORDER BY name")]
+    def list_repos(self, host: str | None) -> list[RepoState]:
+        where, args = _where(("host = ?", host))
+        return [_repo_from_sqlite(r) for r in self.conn.execute(f"SELECT * FROM repos{where} ORDER BY host, name", args)]
 
     def put_repo(self, repo: RepoState) -> None:
         values = asdict(repo)
@@ -264,14 +303,12 @@ class SqliteTx(Tx):
             [_to_db(values[c]) for c in REPO_COLUMNS],
         )
 
-    def delete_repo(self, name: str) -> None:
-        self.conn.execute("DELETE FROM repos WHERE name = ?", (name,))
+    def delete_repo(self, host: str, name: str) -> None:
+        self.conn.execute("DELETE FROM repos WHERE host = ? AND name = ?", (host, name))
 
-    def list_events(self, stream: str | None, after: int) -> list[EventRecord]:
-        if stream is None:
-            rows = self.conn.execute("SELECT * FROM events WHERE id > ? ORDER BY id", (after,))
-        else:
-            rows = self.conn.execute("SELECT * FROM events WHERE id > ? AND stream = ? ORDER BY id", (after, stream))
+    def list_events(self, host: str | None, stream: str | None, after: int) -> list[EventRecord]:
+        where, args = _where(("id > ?", after), ("host = ?", host), ("stream = ?", stream))
+        rows = self.conn.execute(f"SELECT * FROM events{where} ORDER BY id", args)
         return [_event_from_sqlite(r) for r in rows]
 
     def position(self) -> int:
@@ -360,8 +397,9 @@ def _disk_full(path: Path) -> bool:
 
 
 class SqliteRegistry(Registry):
-    def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
+    def __init__(self, url: str, host: str, busy_timeout: float = 30.0) -> None:
         self.url = url
+        self.host = host
         self.path = url.removeprefix("sqlite:///")
         self.busy_timeout = busy_timeout
         self._lock = threading.RLock()
@@ -377,10 +415,7 @@ class SqliteRegistry(Registry):
             if self.read_only is None:
                 self._enable_wal()
                 self.conn.execute("PRAGMA synchronous=NORMAL")
-            if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='repos'").fetchone():
-                self._create_schema()
-            if self._projection_columns() != set(REPO_COLUMNS):
-                self._migrate_projection()
+            self._check_schema()
 
     def _enable_wal(self) -> None:
         """Put the registry in WAL mode (persistent: once per file). The switch needs the file
@@ -421,16 +456,21 @@ class SqliteRegistry(Registry):
             check_same_thread=False,
         )  # fmt: skip
 
-    def _create_schema(self) -> None:
-        if self.read_only is not None:
-            raise sqlite3.OperationalError("attempt to write a readonly database")
-        from sqlalchemy.dialects import sqlite
-
-        from .tables import schema_ddl  # first use of this database only
-
-        with self._write():
-            for statement in schema_ddl(sqlite.dialect()):
-                self.conn.execute(statement)
+    def _check_schema(self) -> None:
+        """Create a new registry's schema (the first use only: that imports SQLAlchemy and
+        Alembic); refuse one at another revision than this artifactfs's (schema.py)."""
+        tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        recorded = None
+        if schema.VERSION_TABLE in tables:
+            row = self.conn.execute(f"SELECT version_num FROM {schema.VERSION_TABLE}").fetchone()
+            recorded = row[0] if row else None
+        revision = schema.revision_of(tables, recorded)
+        state = schema.state_of(revision)
+        schema.refuse(state, revision, self.path)
+        if state is schema.SchemaState.EMPTY:
+            if self.read_only is not None:
+                raise sqlite3.OperationalError("attempt to write a readonly database")
+            schema.upgrade(self.url, self.host, self.busy_timeout)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -442,25 +482,6 @@ class SqliteRegistry(Registry):
             raise
         except sqlite3.Error as exc:
             raise sqlite_failure(exc, Path(self.path), self.busy_timeout, self.read_only) from None
-
-    def _projection_columns(self) -> set[str]:
-        return {row[1] for row in self.conn.execute("PRAGMA table_info(repos)")}
-
-    def _migrate_projection(self) -> None:
-        """The projection's shape changed with this version: recreate it and fold the log anew.
-        The log is the truth, so a projection never needs migrating, only rebuilding."""
-        from sqlalchemy.dialects import sqlite
-        from sqlalchemy.schema import CreateTable
-
-        from .tables import RepoRow
-
-        ddl = str(CreateTable(RepoRow.__table__).compile(dialect=sqlite.dialect()))  # type: ignore[attr-defined]
-        with self._write() as tx:
-            if self._projection_columns() == set(REPO_COLUMNS):
-                return  # another process did it while we waited for the lock
-            self.conn.execute("DROP TABLE repos")
-            self.conn.execute(ddl)
-            self._refold(tx)
 
     @contextmanager
     def _write(self) -> Iterator[SqliteTx]:
@@ -513,10 +534,13 @@ class SqlAlchemyTx(Tx):
         self.events = EventRow.__table__  # type: ignore[attr-defined]
         self.repos = RepoRow.__table__  # type: ignore[attr-defined]
 
-    def current_version(self, stream: str) -> int:
+    def current_version(self, host: str, stream: str) -> int:
         from sqlalchemy import func, select
 
-        return self.conn.execute(select(func.coalesce(func.max(self.events.c.version), 0)).where(self.events.c.stream == stream)).scalar_one()
+        c = self.events.c
+        return self.conn.execute(
+            select(func.coalesce(func.max(c.version), 0)).where(c.host == host, c.stream == stream)
+        ).scalar_one()
 
     def seen(self, dedupe_keys: list[str]) -> set[str]:
         from sqlalchemy import select
@@ -530,24 +554,32 @@ class SqlAlchemyTx(Tx):
         values = {c: getattr(ev, c) for c in EVENT_COLUMNS if c != "id"}
         return int(self.conn.execute(self.events.insert().values(**values)).inserted_primary_key[0])
 
-    def get_repo(self, name: str) -> RepoState | None:
-        row = self.conn.execute(self.repos.select().where(self.repos.c.name == name)).mappings().first()
+    def get_repo(self, host: str, name: str) -> RepoState | None:
+        c = self.repos.c
+        row = self.conn.execute(self.repos.select().where(c.host == host, c.name == name)).mappings().first()
         return RepoState(**row) if row else None
 
-    def list_repos(self) -> list[RepoState]:
-        return [RepoState(**r) for r in self.conn.execute(self.repos.select().order_by(self.repos.c.name)).mappings()]
+    def list_repos(self, host: str | None) -> list[RepoState]:
+        c = self.repos.c
+        query = self.repos.select().order_by(c.host, c.name)
+        if host is not None:
+            query = query.where(c.host == host)
+        return [RepoState(**r) for r in self.conn.execute(query).mappings()]
 
     def put_repo(self, repo: RepoState) -> None:
-        self.delete_repo(repo.name)
+        self.delete_repo(repo.host, repo.name)
         self.conn.execute(self.repos.insert().values(**asdict(repo)))
 
-    def delete_repo(self, name: str) -> None:
-        self.conn.execute(self.repos.delete().where(self.repos.c.name == name))
+    def delete_repo(self, host: str, name: str) -> None:
+        self.conn.execute(self.repos.delete().where(self.repos.c.host == host, self.repos.c.name == name))
 
-    def list_events(self, stream: str | None, after: int) -> list[EventRecord]:
-        query = self.events.select().where(self.events.c.id > after).order_by(self.events.c.id)
+    def list_events(self, host: str | None, stream: str | None, after: int) -> list[EventRecord]:
+        c = self.events.c
+        query = self.events.select().where(c.id > after).order_by(c.id)
+        if host is not None:
+            query = query.where(c.host == host)
         if stream is not None:
-            query = query.where(self.events.c.stream == stream)
+            query = query.where(c.stream == stream)
         return [EventRecord(**r) for r in self.conn.execute(query).mappings()]
 
     def position(self) -> int:
@@ -586,8 +618,9 @@ def sqlalchemy_failure(exc: Exception, url: str, busy_timeout: float) -> Registr
 
 
 class SqlAlchemyRegistry(Registry):
-    def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
+    def __init__(self, url: str, host: str, busy_timeout: float = 30.0) -> None:
         self.url = url
+        self.host = host
         self.busy_timeout = busy_timeout
         if url.startswith("sqlite:///"):
             file = Path(url.removeprefix("sqlite:///"))
@@ -603,27 +636,17 @@ class SqlAlchemyRegistry(Registry):
             from . import tables  # noqa: F401  (registers the tables)
 
             self.engine = create_engine(url, pool_pre_ping=True, connect_args=self._connect_args(url))
-            self._create_schema()
-            self._migrate_projection()
+            self._check_schema()
 
-    def _create_schema(self) -> None:
-        """Create what is missing, one process at a time.
-
-        On PostgreSQL a transaction-scoped advisory lock serialises the creation, which checks
-        first and issues no DDL for tables that exist: a role with data access alone (the tables
-        made by an administrator) opens an existing registry, and no open takes a table lock.
-        Elsewhere every statement is IF NOT EXISTS (tables.schema_ddl)."""
-        from sqlmodel import SQLModel
-
-        from .tables import schema_ddl
-
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('artifactfs schema'))")
-                SQLModel.metadata.create_all(conn, checkfirst=True)
-                return
-            for statement in schema_ddl(conn.dialect):
-                conn.exec_driver_sql(statement)
+    def _check_schema(self) -> None:
+        """Create a new database's schema; refuse one at another revision (schema.py). A database
+        at the newest revision gets no DDL at all: a role with data access alone opens it."""
+        with self.engine.connect() as conn:
+            revision = schema.current_revision(conn)
+        state = schema.state_of(revision)
+        schema.refuse(state, revision, redact(self.url))
+        if state is schema.SchemaState.EMPTY:
+            schema.upgrade(self.url, self.host, self.busy_timeout)
 
     def _connect_args(self, url: str) -> dict[str, Any]:
         """How long to wait for the server, and for a lock, before giving up (the busy timeout)."""
@@ -652,23 +675,12 @@ class SqlAlchemyRegistry(Registry):
                 "install it (for PostgreSQL: pip install 'artifactfs[postgres]')"
             ) from None
 
-    def _migrate_projection(self) -> None:
-        """Recreate and refold the projection if its shape changed (see SqliteRegistry)."""
-        from sqlalchemy import inspect
-
-        from .tables import RepoRow
-
-        if {c["name"] for c in inspect(self.engine).get_columns("repos")} == set(REPO_COLUMNS):
-            return
-        table = RepoRow.__table__  # type: ignore[attr-defined]
-        with self.engine.begin() as conn:
-            table.drop(conn)
-            table.create(conn)
-            self._refold(SqlAlchemyTx(conn))
-
     @contextmanager
     def _write(self) -> Iterator[SqlAlchemyTx]:
         with self._errors(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Positions in commit order (see the top of this module): one append at a time.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})")
             yield SqlAlchemyTx(conn)
 
     @contextmanager
@@ -685,16 +697,37 @@ class SqlAlchemyRegistry(Registry):
         self.engine.dispose()
 
 
-def open_registry(url: str, *, driver: str = "auto", busy_timeout: float | None = None) -> Registry:
-    """The registry at `url`: the standard-library driver for SQLite files, SQLAlchemy otherwise.
+def migrate_registry(url: str, host: str, busy_timeout: float) -> list[str]:
+    """Bring the registry at `url` to the newest schema (`artifactfs migrate`); the revisions
+    applied. A new SQLite registry is created 0600 first, as opening one would."""
+    if url.startswith("sqlite:///"):
+        file = Path(url.removeprefix("sqlite:///"))
+        read_only = _write_protected(file)
+        try:
+            if read_only is None:
+                SqliteRegistry._create(file)
+            _tighten(file)
+        except sqlite3.Error as exc:
+            raise sqlite_failure(exc, file, busy_timeout, read_only) from None
+        if read_only is not None:
+            raise sqlite_failure(sqlite3.OperationalError("attempt to write a readonly database"), file, busy_timeout,
+                                 read_only)  # fmt: skip
+    return schema.upgrade(url, host, busy_timeout)
+
+
+def open_registry(url: str, *, host: str | None = None, driver: str = "auto", busy_timeout: float | None = None) -> Registry:
+    """The registry at `url`, as host `host` sees it (by default ARTIFACTFS_HOST's): the
+    standard-library driver for SQLite files, SQLAlchemy otherwise.
 
     `busy_timeout` is how long a writer waits for another one's lock (and, for a server, for a
     connection) before RegistryBusy; by default ARTIFACTFS_DB_BUSY_TIMEOUT's.
     """
-    if busy_timeout is None:
+    if busy_timeout is None or host is None:
         from .config import load_settings
 
-        busy_timeout = load_settings().db_busy_timeout
+        settings = load_settings()
+        busy_timeout = settings.db_busy_timeout if busy_timeout is None else busy_timeout
+        host = settings.host if host is None else host
     if driver == "sqlalchemy" or (driver == "auto" and not url.startswith("sqlite:///")):
-        return SqlAlchemyRegistry(url, busy_timeout)
-    return SqliteRegistry(url, busy_timeout)
+        return SqlAlchemyRegistry(url, host, busy_timeout)
+    return SqliteRegistry(url, host, busy_timeout)

@@ -77,6 +77,19 @@ def validate_name(name: str) -> str:
     return name
 
 
+HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def validate_host(host: str, origin: str = "--host") -> str:
+    """A host of the fleet: it names a queue, a worker and task ids, so it is checked like a name."""
+    if not isinstance(host, str) or ".." in host or not HOST_RE.fullmatch(host):
+        raise InvalidInput(
+            f"{origin} {printable(repr(host))} is not a host name: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return host
+
+
 DEFAULT_FILTER = "blob:none"
 _BLOB_LIMIT = re.compile(r"blob:limit=([0-9]{1,12})([kmg]?)")
 

@@ -8,6 +8,7 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .model import (
     MountRefused,
     NewEvent,
     Owner,
+    PrepareFailed,
     PrepareState,
     RepoState,
     StaleAttempt,
@@ -36,6 +38,10 @@ from .stack import running_pid
 
 # How long remove-repo waits for mountd to take the mount down before doing it itself.
 UNMOUNT_GRACE_SECONDS = 10.0
+# A blocking add for another host follows the log this often, and gives up this long after the
+# prepare deadline (which that host's mountd enforces, if it runs).
+OUTCOME_POLL_SECONDS = 0.2
+OUTCOME_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class AddRequest:
     fetch_ref: str | None = None  # what to fetch from the remote into `ref`, if not `ref` itself
     owner: Owner | None = None  # whose the mounted files and the git directory are (default: root's)
     blob_filter: str = DEFAULT_FILTER  # the clone's partial-clone filter
+    elsewhere: bool = False  # registered for another host of the fleet: its mountd and worker do the rest
 
 
 def parse_add_request(
@@ -65,9 +72,14 @@ def parse_add_request(
     owner: str | None = None,
     blob_filter: str | None = None,
 ) -> AddRequest:
-    """Validate everything a user typed before anything is written."""
+    """Validate everything a user typed before anything is written. The repository is registered
+    for `registry.host`: another host than this one gets what can be checked from here alone."""
     validate_name(name)
     parsed = parse_remote(remote)
+    elsewhere = registry.host != settings.host
+    if elsewhere:
+        _refuse_for_another_host(registry.host, prepared_gitdir=prepared_gitdir, owner=owner,
+                                 credentials=parsed.has_credentials)  # fmt: skip
     full_ref = validate_ref(ref)
     checked_filter = validate_filter(blob_filter) if blob_filter is not None else DEFAULT_FILTER
     if blob_filter is not None and prepared_gitdir:
@@ -91,10 +103,43 @@ def parse_add_request(
         directory = settings.git_dir(name)
     if registry.get(name) is not None:
         raise DuplicateRepo(name)  # said before anything about its mount path (registering checks again)
+    if elsewhere:
+        mount_path = mount_path_elsewhere(settings, registry, name, mount_root)
+    else:
+        mount_path = checked_mount_path(settings, registry, name, mount_root)
     return AddRequest(
-        name=name, remote=parsed, ref=full_ref, mount_path=checked_mount_path(settings, registry, name, mount_root),
-        git_dir=directory, prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who, blob_filter=checked_filter,
+        name=name, remote=parsed, ref=full_ref, mount_path=mount_path, git_dir=directory,
+        prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who, blob_filter=checked_filter, elsewhere=elsewhere,
     )  # fmt: skip
+
+
+def _refuse_for_another_host(host: str, *, prepared_gitdir: bool, owner: str | None, credentials: bool) -> None:
+    """What only the host itself can check or hold: its git directories, its users, a credential
+    (which only the command that registers a repository may hold, never a job)."""
+    here = f"run add-repo on {host} itself"
+    if prepared_gitdir:
+        raise InvalidInput(f"--prepared-gitdir names a git directory of this host, not of {host}: {here}")
+    if owner is not None:
+        raise InvalidInput(f"--owner names a user of this host, not of {host}: {here}")
+    if credentials:
+        raise InvalidInput(
+            f"inline credentials cannot reach {host} (a background job must never hold them): configure a git "
+            f"credential helper or an ssh key for {host}'s worker and give the URL without them, or {here}"
+        )
+
+
+def mount_path_elsewhere(settings: Settings, registry: Registry, name: str, mount_root: str | None) -> Path:
+    """Where repository `name` will be mounted on another host: <mount root>/<name>, checked by its
+    name alone against the allowed mount roots and that host's mounts (the host's mountd checks
+    the file system when it mounts, and refuses what it cannot mount on)."""
+    root = Path(os.path.abspath(os.path.expanduser(mount_root))) if mount_root else settings.mount_root
+    path = root / name
+    if not any(under(root, allowed) for allowed in settings.mount_roots):
+        allowed = ":".join(str(r) for r in settings.mount_roots)
+        raise MountRefused(f"mount path {path} is outside the allowed mount roots ({allowed}): choose a --mount-root "
+                           "under one of them, or add it to ARTIFACTFS_ALLOWED_MOUNT_ROOTS")  # fmt: skip
+    _refuse_nested(root, path, [], {Path(repo.mount_path): repo.name for repo in registry.repos()})
+    return path
 
 
 def checked_mount_path(settings: Settings, registry: Registry, name: str, mount_root: str | None) -> Path:
@@ -196,16 +241,23 @@ def register(settings: Settings, registry: Registry, req: AddRequest, *, asynchr
             raise DuplicateRepo(req.name)
         return [registration(req, asynchronous=asynchronous, job_id=job_id)]
 
-    registry.append(req.name, decide)
-    _discard_leftovers(settings, req.name)
+    [event] = registry.append(req.name, decide)
+    if not req.elsewhere:
+        discard_leftovers(settings, req.name)
+        _mark_registration(settings, req.name, event.created_at)
+    # For another host, its mountd or its worker, whichever comes first, discards what an earlier
+    # registration of the name left there (forget_earlier_registration).
 
 
 def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoState:
     """The blocking add: register, clone, and return once the repository is ready.
 
     On any failure (or Ctrl-C) the clone is removed and an ADD_ABANDONED event frees the name, so
-    nothing is left behind but the record of the attempt in the log.
+    nothing is left behind but the record of the attempt in the log. For another host, its worker
+    prepares it while this command follows the log (add_elsewhere).
     """
+    if req.elsewhere:
+        return add_elsewhere(settings, registry, req)
     settings.ensure_dirs()
     job_id = f"add:{req.name}:{uuid.uuid4().hex[:12]}"
     with repo_lock(settings.lock_file(req.name)):
@@ -218,7 +270,7 @@ def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoSta
         except StaleAttempt:
             raise  # `prepare` handed it to a worker meanwhile: the registration is the worker's now
         except BaseException as exc:
-            _discard_leftovers(settings, req.name)
+            discard_leftovers(settings, req.name)
             error = redact(str(exc)) or type(exc).__name__
             record(settings, registry, req.name, NewEvent(EventType.ADD_ABANDONED, {"error": error}, job_id=job_id))
             raise
@@ -233,10 +285,38 @@ def add_repo_async(settings: Settings, registry: Registry, req: AddRequest) -> N
             "configure a git credential helper or an ssh key for the worker and give the URL without them"
         )
     settings.ensure_dirs()
+    if req.elsewhere:
+        register(settings, registry, req, asynchronous=True, job_id=None)  # the lock is the other host's
+        announce(settings, req.name)
+        return
     with repo_lock(settings.lock_file(req.name)):
         register(settings, registry, req, asynchronous=True, job_id=None)
     announce(settings, req.name)
     wait_for_placeholder(settings, req.mount_path)
+
+
+def add_elsewhere(settings: Settings, registry: Registry, req: AddRequest) -> RepoState:
+    """The blocking add for another host: register it there, then follow the log until that host's
+    worker has prepared it. If it fails, or the wait is interrupted or outlives the prepare
+    deadline, the name is freed again (ADD_ABANDONED): the other host's job finds its attempt
+    superseded and discards what it made, and its mountd takes the placeholder down."""
+    add_repo_async(settings, registry, req)
+    deadline = time.monotonic() + settings.prepare_deadline + OUTCOME_GRACE_SECONDS
+    try:
+        while (repo := registry.require(req.name)).state is PrepareState.PREPARING:
+            if time.monotonic() > deadline:
+                raise PrepareFailed(
+                    f"{registry.host} did not prepare {req.name} within {settings.prepare_deadline:g}s "
+                    f"(ARTIFACTFS_PREPARE_DEADLINE): are its mountd and worker running? (artifactfs up on {registry.host})"
+                )
+            time.sleep(OUTCOME_POLL_SECONDS)
+        if repo.state is PrepareState.FAILED:
+            raise PrepareFailed(f"preparing {req.name} on {registry.host} failed: {repo.prepare_error}")
+    except BaseException as exc:
+        error = redact(str(exc)) or type(exc).__name__
+        record(settings, registry, req.name, NewEvent(EventType.ADD_ABANDONED, {"error": error}))
+        raise
+    return repo
 
 
 def wait_for_placeholder(settings: Settings, mount_path: Path) -> bool:
@@ -265,7 +345,7 @@ def request_prepare(settings: Settings, registry: Registry, name: str) -> Prepar
     the calling process, as the blocking add does: no background job may ever hold a credential.
     """
     validate_name(name)
-    if settings.credential_file(name).exists():
+    if registry.host == settings.host and settings.credential_file(name).exists():
         return _prepare_here(settings, registry, name)
 
     def decide(repo: RepoState | None) -> list[NewEvent]:
@@ -307,7 +387,37 @@ def _prepare_here(settings: Settings, registry: Registry, name: str) -> PrepareR
     return PrepareRequest(int(event.payload["attempt"]), head)
 
 
-def _discard_leftovers(settings: Settings, name: str) -> None:
+def _mark_registration(settings: Settings, name: str, registered_at: datetime) -> None:
+    """Record, in the repository's state directory, which registration its state belongs to."""
+    mark = settings.registration_mark(name)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(_registration_id(registered_at))
+
+
+def _registration_id(registered_at: datetime) -> str:
+    return registered_at.astimezone(timezone.utc).isoformat()
+
+
+def forget_earlier_registration(settings: Settings, repo: RepoState) -> bool:
+    """Before this host first mounts or prepares `repo`, discard the git directory, overlay and
+    state that an earlier registration of its name left here: a registration made from another
+    host, after a removal made from another host, finds them still here. The caller holds the
+    repository's lock. State with no mark (made before marks existed) is kept: it is this one's.
+    Returns whether something was discarded."""
+    mark = settings.registration_mark(repo.name)
+    try:
+        recorded = mark.read_text()
+    except FileNotFoundError:
+        recorded = None
+    if recorded == _registration_id(repo.registered_at):
+        return False
+    if recorded is not None:
+        discard_leftovers(settings, repo.name)
+    _mark_registration(settings, repo.name, repo.registered_at)
+    return recorded is not None
+
+
+def discard_leftovers(settings: Settings, name: str) -> None:
     """Remove the git dir, credentials and state of an unregistered or abandoned name (never a
     prepared git dir: those live elsewhere and belong to whoever made them)."""
     shutil.rmtree(settings.git_dir(name), ignore_errors=True)
@@ -316,8 +426,13 @@ def _discard_leftovers(settings: Settings, name: str) -> None:
 
 
 def remove_repo(settings: Settings, registry: Registry, name: str) -> None:
-    """Unregister a repository, take its mount down and delete its state."""
+    """Unregister a repository, take its mount down and delete its state. Another host's is
+    unregistered here, and its own mountd takes the mount down and deletes the state there."""
     validate_name(name)
+    if registry.host != settings.host:
+        registry.append(name, lambda current: _removal(current, name))
+        announce(settings, name)
+        return
     # A running prepare job holds the lock for as long as its clone takes; removal does not wait
     # for it: the job finds its attempt superseded at its next phase and discards what it made.
     with repo_lock(settings.lock_file(name), blocking=False):
@@ -337,7 +452,7 @@ def remove_repo(settings: Settings, registry: Registry, name: str) -> None:
                 time.sleep(0.05)
             if is_mounted(mount_path) and not unmount(mount_path):
                 unmount(mount_path, lazy=True)
-        _discard_leftovers(settings, name)  # never a prepared git dir: it belongs to whoever made it
+        discard_leftovers(settings, name)  # never a prepared git dir: it belongs to whoever made it
         if mount_path is not None and not is_mounted(mount_path):
             try:
                 mount_path.rmdir()  # the mount point mountd made, if empty
@@ -351,24 +466,26 @@ def _removal(current: RepoState | None, name: str) -> list[NewEvent]:
     return [NewEvent(EventType.REMOVED, {})]
 
 
-def display_state(repo: RepoState) -> DisplayState:
+def display_state(settings: Settings, repo: RepoState) -> DisplayState:
     state = repo.state
     if state is PrepareState.PREPARING:
         return DisplayState.PREPARING
     if state is PrepareState.FAILED:
         return DisplayState.FAILED
+    if repo.host != settings.host:
+        return DisplayState.READY
     if not is_mounted(repo.mount_path):
         return DisplayState.UNMOUNTED
     return DisplayState.STALE if is_stale(repo.mount_path) else DisplayState.MOUNTED
 
 
-def problem(repo: RepoState, state: DisplayState) -> str:
+def problem(repo: RepoState, state: DisplayState, host_option: str = "") -> str:
     """What is wrong with a repository, and how to recover, in one line ('' if nothing)."""
     if state is DisplayState.STALE:
         return (f"the mount at {repo.mount_path} is stale (its mount process is gone): start mountd "
                 f"(artifactfs up) to remount it, or unmount it with fusermount3 -u {repo.mount_path}")
     if state is DisplayState.FAILED:
-        return f"preparation failed: retry with artifactfs prepare --name {repo.name}"
+        return f"preparation failed: retry with artifactfs prepare --name {repo.name}{host_option}"
     return ""
 
 
@@ -394,10 +511,14 @@ def backfill_columns(record: dict[str, Any]) -> dict[str, object]:
 
 
 def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
-    stats = hydration_stats(settings.repo_git_dir(repo))
-    state = display_state(repo)
+    """What `status` shows of `repo`; what lives on the host's disk (hydration, backfill) only
+    for this host's repositories."""
+    here = repo.host == settings.host
+    stats = hydration_stats(settings.repo_git_dir(repo)) if here else None
+    state = display_state(settings, repo)
     return {
         "repo": repo.name,
+        "host": repo.host,
         "state": state.value,
         "head": repo.head or "",
         "ref": repo.ref,
@@ -406,8 +527,8 @@ def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
         "mount_path": repo.mount_path,
         "phase": repo.prepare_phase or "",
         "prepare_error": repo.prepare_error or "",
-        "problem": problem(repo, state),
-        "hydrated_blobs": stats.blobs,
-        "hydrated_bytes": stats.bytes,
-        **backfill_columns(mount_record(settings, repo.name)),
+        "problem": problem(repo, state, "" if here else f" --host {repo.host}"),
+        "hydrated_blobs": stats.blobs if stats else "",
+        "hydrated_bytes": stats.bytes if stats else "",
+        **backfill_columns(mount_record(settings, repo.name) if here else {}),
     }

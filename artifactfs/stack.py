@@ -379,6 +379,14 @@ def _roll_back(settings: Settings, started: list[Started]) -> list[str]:
     return stopped
 
 
+def _migrate(settings: Settings) -> str:
+    """The registry at this version's schema before any service opens it (they refuse an older one)."""
+    from .registry import migrate_registry
+
+    applied = migrate_registry(settings.database_url, settings.host, settings.db_busy_timeout)
+    return f"registry: migrated ({', '.join(applied)})" if applied else "registry: schema up to date"
+
+
 def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> Iterator[str]:
     """Start what is not running yet, yielding a line per service. On failure, stop what this
     call started (services that ran before it are left alone) and raise one StackError."""
@@ -388,6 +396,7 @@ def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> 
     settings.ensure_dirs()
     with _stack_lock(settings):
         auth = configured or stored_flower_auth(settings)
+        yield _migrate(settings)
         if _verified(settings, "flower") is None and _port_open(flower_port):
             # Said before anything starts; a port taken later still fails Flower's start below.
             raise StackError(
@@ -447,7 +456,7 @@ def _unmount_registered(settings: Settings, *, keep: bool) -> Iterator[str]:
     from .registry import open_registry
 
     try:
-        repos = open_registry(settings.database_url).repos()
+        repos = open_registry(settings.database_url, host=settings.host).repos()
     except ArtifactError as exc:
         raise StackError(f"cannot read the registry to take the mounts down ({exc}); "
                          "fix it, or unmount with fusermount3 -u <mount path>") from None  # fmt: skip

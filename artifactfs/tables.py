@@ -1,5 +1,8 @@
 """The database schema, as SQLModel tables: the append-only `events` log and the `repos`
-projection. Their columns are exactly the fields of model.EventRecord and model.RepoState."""
+projection. Their columns are exactly the fields of model.EventRecord and model.RepoState.
+
+This is the schema as the newest migration (artifactfs/migrations) leaves it: a change here is
+made by a new migration, never by these classes alone (tests/test_migrations.py compares them)."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -14,11 +17,12 @@ from .model import PrepareState, utcnow
 class EventRow(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (
-        UniqueConstraint("stream", "version", name="uq_events_stream_version"),
+        UniqueConstraint("host", "stream", "version", name="uq_events_host_stream_version"),
         UniqueConstraint("dedupe_key", name="uq_events_dedupe_key"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
+    host: str
     stream: str = Field(index=True)
     version: int
     type: str
@@ -31,6 +35,7 @@ class EventRow(SQLModel, table=True):
 class RepoRow(SQLModel, table=True):
     __tablename__ = "repos"
 
+    host: str = Field(primary_key=True)
     name: str = Field(primary_key=True)
     remote_url: str
     ref: str
@@ -53,15 +58,3 @@ class RepoRow(SQLModel, table=True):
     registered_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
-
-def schema_ddl(dialect: Any) -> list[str]:
-    """The statements that create every table and index, each IF NOT EXISTS: the one place the
-    schema is turned into DDL. Checking first and creating after (SQLAlchemy's create_all) races
-    when two processes open a new registry at once, and the loser fails with "already exists"."""
-    from sqlalchemy.schema import CreateIndex, CreateTable
-
-    statements = []
-    for table in SQLModel.metadata.sorted_tables:
-        statements.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
-        statements += [str(CreateIndex(i, if_not_exists=True).compile(dialect=dialect)) for i in table.indexes]
-    return statements

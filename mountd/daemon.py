@@ -34,12 +34,14 @@ from typing import Any
 
 from artifactfs.config import Settings
 from artifactfs.jobs import publish_prepare, task_id
-from artifactfs.model import ArtifactError, MountRefused, PrepareState, RepoState, utcnow
+from artifactfs.locks import repo_lock
+from artifactfs.model import ArtifactError, EventType, MountRefused, PrepareState, RepoState, utcnow
 from artifactfs.mounts import check_mount_path, is_mounted, is_stale, unmount, under
 from artifactfs.prepare import fail_attempt
 from artifactfs.procs import ProcessId, cmdline, identify, is_running, read_pid_file, write_pid_file
 from artifactfs.registry import Registry
 from artifactfs.remotes import validate_name
+from artifactfs.repos import discard_leftovers, forget_earlier_registration
 from artifactfs.wakeup import CHANNEL
 from mountd.control import ControlClient, MountUnresponsive, encode
 
@@ -277,6 +279,8 @@ class MountDaemon:
         child = self.children[name]
         if repo is None or self._mount_path(repo) != child.mount_path:
             self._retire(name)
+            if repo is None:
+                self._discard_removed(name)
         elif not child.alive():
             code = child.proc.returncode if child.proc is not None else "unknown"
             log.warning("%s: mount process %d exited (%s)", name, child.ident.pid, code)
@@ -300,18 +304,18 @@ class MountDaemon:
         started = repo.attempt_started_at
         if started is not None and (utcnow() - started).total_seconds() > self.settings.prepare_deadline:
             error = f"preparation did not finish within {self.settings.prepare_deadline:g}s (see: artifactfs events --name {repo.name})"
-            self._fail(repo, error, f"deadline:{repo.name}:{repo.attempt_version}")
+            self._fail(repo, error, f"deadline:{repo.host}:{repo.name}:{repo.attempt_version}")
             return
         if not repo.asynchronous:
             return  # a blocking add or prepare runs in its own process
-        tid = task_id(repo.name, repo.attempt_version)
+        tid = task_id(repo.host, repo.name, repo.attempt_version)
         if tid in ended and self._published.get(repo.name) == repo.attempt_version:
             # The job ended, yet the attempt is still preparing: it recorded no outcome.
             key = (repo.name, repo.attempt_version)
             count = self._republished[key] = self._republished.get(key, 0) + 1
             if count > MAX_REPUBLISH:
                 error = f"the prepare job ended {count} times without recording an outcome (see the worker's log)"
-                self._fail(repo, error, f"republish:{repo.name}:{repo.attempt_version}")
+                self._fail(repo, error, f"republish:{repo.host}:{repo.name}:{repo.attempt_version}")
                 return
             log.warning("%s: job %s ended without an outcome; publishing it again", repo.name, tid)
             del self._published[repo.name]
@@ -363,6 +367,7 @@ class MountDaemon:
             log.info("%s: taking down an old mount at %s (stale: %s)", repo.name, mount_path, is_stale(mount_path))
             if not unmount(mount_path):
                 unmount(mount_path, lazy=True)
+        self._forget_earlier_registration(repo)
         mount_path.mkdir(parents=True, exist_ok=True)
         self.settings.repo_state_dir(repo.name).mkdir(parents=True, exist_ok=True)
         proc = self._spares.pop(0) if self._spares else self._spawn_spare()
@@ -373,6 +378,13 @@ class MountDaemon:
             proc.kill()
             proc.wait()
             raise
+
+    def _forget_earlier_registration(self, repo: RepoState) -> None:
+        """Discard what an earlier registration of the name left here, before mounting. A prepare
+        job that holds the repository's lock has done so already (jobs.py): never wait for it."""
+        with repo_lock(self.settings.lock_file(repo.name), blocking=False) as locked:
+            if locked and forget_earlier_registration(self.settings, repo):
+                log.info("%s: discarded what an earlier registration of the name left on this host", repo.name)
 
     def _mount_with(self, proc: subprocess.Popen[bytes], name: str, mount_path: Path, owner: list[int] | None) -> None:
         """Hand the mount order to a spare and wait, bounded, for it to report the mount."""
@@ -440,6 +452,19 @@ class MountDaemon:
                                    expected_pid=ident.pid)  # fmt: skip
             log.info("%s: no longer registered: stopping its mount process %d", name, ident.pid)
             self._stop(name, ident, client, None)
+            self._discard_removed(name)
+
+    def _discard_removed(self, name: str) -> None:
+        """Delete what a repository removed from this host left here (a removal made on another
+        host deleted nothing here). Only when this host's log says it was removed: a mountd
+        pointed at the wrong registry, which knows nothing of the name, deletes nothing."""
+        with repo_lock(self.settings.lock_file(name), blocking=False) as locked:
+            if not locked or self.registry.get(name) is not None:
+                return  # registered again meanwhile, or its lock is busy: whoever holds it decides
+            events = self.registry.events(name)
+            if events and events[-1].kind in (EventType.REMOVED, EventType.ADD_ABANDONED):
+                discard_leftovers(self.settings, name)
+                log.info("%s: removed: deleted its state on this host", name)
 
     def _retire(self, name: str) -> None:
         child = self.children.pop(name)

@@ -3,6 +3,7 @@ remotes (see gitremote.py), real FUSE mounts."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ from artifactfs.procs import all_pids, cmdline, identify, is_running, read_pid_f
 from mountd.control import ControlClient
 
 from .gitremote import GitDaemon, SampleRepo, make_sample_repo
-from .postgres import PostgresServer
+from .postgres import PostgresServer, free_port
 
 PYTHON = sys.executable
 
@@ -93,12 +94,6 @@ def process_gone(pid: int) -> bool:
     return identify(pid) is None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Artifactfs:
     """One isolated artifactfs installation: its own state root, registry and mount root."""
@@ -129,6 +124,10 @@ class Artifactfs:
 
     def mount_path(self, name: str) -> Path:
         return self.mount_root / name
+
+    def task_id(self, name: str, attempt_version: int | str) -> str:
+        """The Celery task id of a prepare job of this installation's host (jobs.task_id)."""
+        return f"prepare:{self.env['ARTIFACTFS_HOST']}:{name}:{attempt_version}"
 
     def add(self, name: str, remote: str, *extra: str) -> None:
         out = self.run("add-repo", "--name", name, "--remote", remote, *extra).stdout
@@ -275,13 +274,20 @@ class Artifactfs:
     def wait_phase(self, name: str, phase: str, timeout: float = 60.0) -> None:
         wait_until(lambda: self.status(name)["phase"] == phase, timeout, interval=0.05, what=f"{name} in phase {phase}")
 
+    @property
+    def database_url(self) -> str:
+        return self.env.get("ARTIFACTFS_DATABASE_URL") or f"sqlite:///{self.root / 'registry.db'}"
+
     def registry_state(self, name: str) -> str | None:
         """prepare_state straight from the projection (status would also look at the mount)."""
-        import sqlite3
+        from artifactfs.registry import open_registry
 
-        with sqlite3.connect(self.root / "registry.db", timeout=30) as conn:
-            row = conn.execute("SELECT prepare_state FROM repos WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
+        registry = open_registry(self.database_url, host=self.env["ARTIFACTFS_HOST"], busy_timeout=30)
+        try:
+            repo = registry.get(name)
+        finally:
+            registry.close()
+        return repo.prepare_state if repo else None
 
     def daemon_log(self) -> str:
         path = self.root / "mountd.log"
@@ -320,7 +326,8 @@ def new_installation(base: Path) -> Artifactfs:
         ARTIFACTFS_LOG_LEVEL="INFO",
         PYTHONPATH=str(Path(__file__).resolve().parent.parent),
         ARTIFACTFS_FLOWER_PORT=str(free_port()),
-        ARTIFACTFS_HOST=f"test-{base.name}",  # a queue of its own: no test takes another's jobs
+        # A queue of its own: no test takes another's jobs (a host name allows [A-Za-z0-9._-]).
+        ARTIFACTFS_HOST=re.sub(r"[^A-Za-z0-9._-]", "-", f"test-{base.name}")[:63],
         # Tests count what reads fetch: a backfill would add to it at its own pace. The tests of
         # the backfill turn it on.
         ARTIFACTFS_BACKFILL="never",

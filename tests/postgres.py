@@ -19,7 +19,7 @@ def _bindir() -> Path:
     return Path(found[-1]).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -30,7 +30,7 @@ class PostgresServer:
         self.bindir = _bindir()
         self.base = Path(tempfile.mkdtemp(prefix="artifactfs-pg-"))
         self.data = self.base / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self._databases = 0
 

@@ -20,8 +20,11 @@ from .conftest import Artifactfs, process_gone, wait_until, waits_on_fuse
 from .gitremote import GitDaemon, SampleRepo, add_commit, git, make_sample_repo
 
 
-@pytest.fixture
-def stack(afs: Artifactfs) -> Iterator[Artifactfs]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stack(afs: Artifactfs, request: pytest.FixtureRequest) -> Iterator[Artifactfs]:
+    """The stack of one host, its registry on a SQLite file or on PostgreSQL (as a fleet's)."""
+    if request.param == "postgresql":
+        afs.env["ARTIFACTFS_DATABASE_URL"] = request.getfixturevalue("postgres").new_database()
     afs.up()
     yield afs
 
@@ -277,7 +280,7 @@ def test_readiness_published_while_redis_is_down_still_opens_the_gate(
     # The job ran to its end while Redis was gone. Its acknowledgement was lost with the
     # connection, so Redis hands it out again after the visibility timeout; run again, it finds
     # the repository ready and appends nothing (test_jobs covers a delivery run twice).
-    wait_until(lambda: "Task artifactfs.prepare[prepare:outage:1] succeeded" in afs.log("worker"), 60,
+    wait_until(lambda: f"Task artifactfs.prepare[{afs.task_id('outage', 1)}] succeeded" in afs.log("worker"), 60,
                what="the job to end")  # fmt: skip
     assert event_types(afs, "outage").count("ready") == 1
 
@@ -342,9 +345,9 @@ def test_a_duplicated_job_appends_nothing_twice(stack: Artifactfs, slow: tuple[G
             "from artifactfs.jobs import publish_prepare; s = load_settings(); "
             "print(publish_prepare(s, open_registry(s.database_url).require('dup')))")  # fmt: skip
     out = subprocess.run([os.sys.executable, "-c", code], env=afs.env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "prepare:dup:1"
+    assert out.stdout.strip() == afs.task_id("dup", 1)
     afs.wait_state("dup", "mounted")
-    wait_until(lambda: afs.log("worker").count("[prepare:dup:1] succeeded") == 2, 60, what="both deliveries to end")
+    wait_until(lambda: afs.log("worker").count(f"[{afs.task_id('dup', 1)}] succeeded") == 2, 60, what="both deliveries to end")
     types = event_types(afs, "dup")
     assert types == ["registered", "phase", "phase", "phase", "phase", "ready"]
 
@@ -364,7 +367,7 @@ def test_flower_shows_every_prepare_job(stack: Artifactfs, slow: tuple[GitDaemon
         return next((t for t in tasks.values() if t.get("name") == "artifactfs.prepare" and t.get("state") == "SUCCESS"), None)
 
     task = wait_until(job, 30, interval=0.5, what="flower to list the job")
-    assert task["uuid"] == "prepare:seen:1"
+    assert task["uuid"] == afs.task_id("seen", 1)
     assert "'repo': 'seen'" in task["kwargs"] and "'host': 'test-" in task["kwargs"]
     host = afs.env["ARTIFACTFS_HOST"]
     assert task["worker"] == f"artifactfs@{host}" and task["routing_key"] == f"artifactfs.{host}"

@@ -77,7 +77,7 @@ def half_made(afs: Artifactfs) -> list[str]:
 
 def attempts(afs: Artifactfs, name: str) -> list[list[str]]:
     """The events of each preparation attempt of `name` (phase events as phase:<phase>)."""
-    registry = open_registry(f"sqlite:///{afs.root / 'registry.db'}", busy_timeout=30)
+    registry = open_registry(f"sqlite:///{afs.root / 'registry.db'}", host=afs.env["ARTIFACTFS_HOST"], busy_timeout=30)
     try:
         events = registry.events(name)
     finally:

@@ -167,7 +167,7 @@ name, version = sys.argv[1], int(sys.argv[2])
 settings = load_settings()
 print("ready", flush=True)
 sys.stdin.readline()
-print(run_prepare_job(settings, name, version, job_id=task_id(name, version)).value, flush=True)
+print(run_prepare_job(settings, name, version, job_id=task_id(settings.host, name, version)).value, flush=True)
 """
 
 
@@ -360,7 +360,7 @@ def test_a_worker_never_prepares_a_repository_with_inline_credentials(afs: Artif
         before = history(afs, "private")
         server.clear_requests()
         assert afs.registry_state("private") == "preparing"
-        assert publish_duplicate(afs, "private").startswith("prepare:private:")
+        assert publish_duplicate(afs, "private").startswith(afs.task_id("private", ""))
         wait_until(lambda: "private: skipped: the repository has inline credentials" in afs.log("worker"), 60,
                    interval=0.1, what="the worker to refuse the job")  # fmt: skip
         assert history(afs, "private") == before  # nothing appended by the job
@@ -383,7 +383,7 @@ def test_a_forged_job_for_a_blocking_add_appends_nothing(afs: Artifactfs, git_da
         add.wait()
     git_daemon.set_delay(0)
     before = history(afs, "blk")
-    assert publish_duplicate(afs, "blk") == "prepare:blk:1"  # a job nobody should have sent
+    assert publish_duplicate(afs, "blk") == afs.task_id("blk", 1)  # a job nobody should have sent
     wait_until(lambda: "blk: skipped: the attempt begun at version 1 is prepared by the command that began it"
                in afs.log("worker"), 60, interval=0.1, what="the worker to refuse the job")  # fmt: skip
     assert history(afs, "blk") == before
@@ -495,15 +495,15 @@ def test_the_same_task_delivered_twice_to_the_worker_at_once_appends_nothing_twi
     afs.up()  # two pool processes
     add_async(afs, "dup", held.url)
     afs.wait_phase("dup", "clone")
-    assert publish_duplicate(afs, "dup") == "prepare:dup:1"
-    received = "Task artifactfs.prepare[prepare:dup:1] received"
+    assert publish_duplicate(afs, "dup") == afs.task_id("dup", 1)
+    received = f"Task artifactfs.prepare[{afs.task_id('dup', 1)}] received"
     wait_until(lambda: afs.log("worker").count(received) == 2, 60, interval=0.1, what="both deliveries")
     lock = afs.root / "locks" / "dup.lock"
     wait_until(lambda: one_inside_one_waiting(lock), 60, what="one delivery inside and one waiting")
-    assert "Task artifactfs.prepare[prepare:dup:1] succeeded" not in afs.log("worker")  # neither has finished
+    assert f"Task artifactfs.prepare[{afs.task_id('dup', 1)}] succeeded" not in afs.log("worker")  # neither has finished
     held.release()
     assert settled(afs, "dup")["state"] == "mounted"
-    wait_until(lambda: afs.log("worker").count("Task artifactfs.prepare[prepare:dup:1] succeeded") == 2, 60,
+    wait_until(lambda: afs.log("worker").count(f"Task artifactfs.prepare[{afs.task_id('dup', 1)}] succeeded") == 2, 60,
                interval=0.1, what="both deliveries to finish")  # fmt: skip
     log = afs.log("worker")
     assert ": 'ready'" in log and ": 'skipped'" in log
@@ -550,13 +550,24 @@ def test_concurrent_appends_of_the_same_dedupe_key_append_once(
         writer.start()
     seen: list[tuple[Any, ...]] = []
 
+    def waiting_for_the_append_lock() -> int:
+        """PostgreSQL's writers waiting for the advisory lock that every append takes."""
+        import psycopg
+
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()
+        return int(row[0]) if row else 0
+
     def both_at_once() -> bool:
         while not report.empty():
             seen.append(report.get())
         inside = {who for who, what, *_ in seen if what == "inside"}
         begun = {who for who, what, *_ in seen if what == "begin"}
-        # SQLite's writers take the lock before deciding: one decides while the other waits for it.
-        # Elsewhere both decide at once, neither seeing the other's event yet.
+        # SQLite's writers take the lock before deciding, and PostgreSQL's take an advisory lock:
+        # one decides while the other waits for it. On a SQLite file through SQLAlchemy both decide
+        # at once, neither seeing the other's event yet.
+        if driver == "postgresql":
+            return len(inside) == 1 and waiting_for_the_append_lock() == 1
         return len(inside) == 2 or (len(inside) == 1 and len(begun) == 2)
 
     try:

@@ -175,7 +175,7 @@ def test_a_revoked_job_is_published_again_then_fails_its_attempt(stack: Artifact
     add_async(afs, "revoked", daemon.url("slow.git"))
     afs.wait_phase("revoked", "clone", timeout=30)
     code = ("from workers.app import app; "
-            "app.control.revoke('prepare:revoked:1', terminate=True, signal='SIGKILL')")  # fmt: skip
+            f"app.control.revoke({afs.task_id('revoked', 1)!r}, terminate=True, signal='SIGKILL')")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], env=afs.env, check=True, timeout=60)
     row = afs.wait_state("revoked", "failed", timeout=90)
     assert "without recording an outcome" in str(row["prepare_error"])

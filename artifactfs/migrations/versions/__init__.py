@@ -1,0 +1,1 @@
+"""One module a revision, applied in order by artifactfs/schema.py."""
