@@ -5,8 +5,9 @@ set -euo pipefail
 venv=${1:-.venv}
 
 # postgresql: the tests run the fleet registry against a real, throwaway PostgreSQL server;
-# procps: the tests find worker processes with pgrep.
-apt_packages=(fuse3 libfuse3-dev pkg-config git redis-server postgresql procps python3-venv gcc python3-dev)
+# procps: the tests find worker processes with pgrep;
+# docker-compose: the tests validate compose.yaml with it (no Docker engine needed).
+apt_packages=(fuse3 libfuse3-dev pkg-config git redis-server postgresql procps python3-venv gcc python3-dev docker-compose)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
