@@ -1,7 +1,9 @@
 """Prepare jobs, apart from Celery: what a job does (run_prepare_job), how it fails, and how mountd
 hands one to this host's queue (publish_prepare). The Celery task in workers/tasks.py is a thin shell.
 
-A job works under the repository's lock and ends in one PrepareOutcome:
+A job works under the repository's lock and ends in one PrepareOutcome (in a JobResult, which
+the task turns into what Flower shows: READY and SKIPPED as SUCCESS, READY's result naming the head
+it published; FAILED as FAILURE with the redacted error; RETRY as RETRY):
 - READY: prepared, and READY published;
 - SKIPPED: nothing for this job to do, and nothing appended: the attempt was superseded, removed or
   already done, or it is not a worker's to run (a repository with inline credentials, or one that
@@ -50,6 +52,22 @@ class PrepareOutcome(str, enum.Enum):
     FAILED = "failed"
     RETRY = "retry"  # transient failure: the caller backs off and runs the job again
     SKIPPED = "skipped"  # nothing to do: removed, already prepared, superseded, or not a worker's
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How a job ended: what Flower shows of it, and what the task does next."""
+
+    outcome: PrepareOutcome
+    head: str | None = None  # READY: the commit it published
+    error: str | None = None  # FAILED: the error it recorded, redacted
+
+    def shown(self) -> dict[str, str]:
+        """The task's result, as Flower lists it."""
+        return {"outcome": self.outcome.value, **({"head": self.head} if self.head else {})}
+
+
+SKIPPED = JobResult(PrepareOutcome.SKIPPED)
 
 
 def task_id(host: str, name: str, attempt_version: int) -> str:
@@ -103,7 +121,7 @@ def run_prepare_job(
     job_id: str,
     may_retry: bool = False,
     time_limit_error: type[BaseException] = PrepareTimeout,
-) -> PrepareOutcome:
+) -> JobResult:
     """Run the job of `name`'s preparation attempt begun at stream version `attempt_version`.
 
     `time_limit_error` is what the job's soft time limit raises in this process (Celery's
@@ -134,7 +152,7 @@ class PrepareJob:
     time_limit_error: type[BaseException]
     repo: RepoState | None = None  # once claimed: the attempt is current and a worker's to run
 
-    def run(self) -> PrepareOutcome:
+    def run(self) -> JobResult:
         try:
             with repo_lock(self.settings.lock_file(self.name)):
                 try:
@@ -143,7 +161,7 @@ class PrepareJob:
                     return self._timed_out()
         except self.time_limit_error:
             log.warning("%s: the time limit passed while another process held the repository's lock: nothing done", self.name)
-            return PrepareOutcome.SKIPPED
+            return SKIPPED
 
     def _claim(self) -> RepoState | None:
         """The repository, if this job's attempt is current and a worker's to run; else None."""
@@ -165,28 +183,27 @@ class PrepareJob:
         self.repo = repo
         return repo
 
-    def _prepare(self) -> PrepareOutcome:
+    def _prepare(self) -> JobResult:
         repo = self._claim()
         if repo is None:
-            return PrepareOutcome.SKIPPED
+            return SKIPPED
         if forget_earlier_registration(self.settings, repo):
             log.info("%s: discarded what an earlier registration of the name left on this host", self.name)
         preparation = Preparation(self.settings, self.registry, repo, self.job_id, patience=self.patience,
                                   failpoint=failpoint_from_env())  # fmt: skip
         try:
-            preparation.run()
-            return PrepareOutcome.READY
+            return JobResult(PrepareOutcome.READY, head=preparation.run())
         except (RegistryBusy, self.time_limit_error):
             raise  # the task hands the job back to the queue; the caller records the timeout
         except StaleAttempt:
             current = self.patience.retry(lambda: self.registry.get(self.name), self.name)
             if current is None and not repo.prepared_gitdir:
                 shutil.rmtree(self.settings.git_dir(self.name), ignore_errors=True)  # removed while we cloned
-            return PrepareOutcome.SKIPPED
+            return SKIPPED
         except GitError as exc:
             if exc.transient and self.may_retry:
                 log.warning("%s: transient failure, will retry: %s", self.name, redact(str(exc)))
-                return PrepareOutcome.RETRY
+                return JobResult(PrepareOutcome.RETRY)
             return self._fail(repo, str(exc))
         except ArtifactError as exc:
             return self._fail(repo, str(exc))
@@ -194,7 +211,7 @@ class PrepareJob:
             log.exception("%s: preparation crashed", self.name)
             return self._fail(repo, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _timed_out(self) -> PrepareOutcome:
+    def _timed_out(self) -> JobResult:
         """The soft time limit struck: end the job's git processes, remove what they left half-made
         (we still hold the repository's lock), and record the timeout before the hard limit."""
         end_children()
@@ -203,20 +220,20 @@ class PrepareJob:
         )
         repo = self.repo or self._claim()
         if repo is None:
-            return PrepareOutcome.SKIPPED
+            return SKIPPED
         Preparation(self.settings, self.registry, repo, self.job_id).abandon()
         # The hard limit kills this process a little later: keep the waiting well inside that.
         grace = max(self.settings.job_hard_limit - self.settings.job_soft_limit, 0.0) / 2
         return self._fail(repo, str(error), Patience(min(self.patience.seconds, grace)))
 
-    def _fail(self, repo: RepoState, error: str, patience: Patience | None = None) -> PrepareOutcome:
+    def _fail(self, repo: RepoState, error: str, patience: Patience | None = None) -> JobResult:
         log.error("%s: preparation failed: %s", repo.name, redact(error))
         failed = (patience or self.patience).retry(
             lambda: fail_attempt(self.settings, self.registry, repo, error, job_id=self.job_id,
                                  dedupe_key=f"{self.job_id}:failed"),
             repo.name,
         )  # fmt: skip
-        return PrepareOutcome.FAILED if failed else PrepareOutcome.SKIPPED
+        return JobResult(PrepareOutcome.FAILED, error=redact(error)) if failed else SKIPPED
 
 
 # --- the job's processes ---------------------------------------------------------------------------

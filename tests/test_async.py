@@ -372,8 +372,27 @@ def test_flower_shows_every_prepare_job(stack: Artifactfs, slow: tuple[GitDaemon
     host = afs.env["ARTIFACTFS_HOST"]
     assert task["worker"] == f"artifactfs@{host}" and task["routing_key"] == f"artifactfs.{host}"
     assert task["runtime"] > 0 and task["started"] >= task["received"]
-    assert task["result"] == "'ready'"
+    # Its result names the commit it published.
+    assert task["result"] == repr({"outcome": "ready", "head": afs.status("seen")["head"]})
     assert "git://" not in json.dumps(task)  # no URL (let alone a credential) in a job
+
+
+def test_flower_shows_a_failed_preparation_as_a_failed_job(stack: Artifactfs, tmp_path: Path) -> None:
+    afs = stack
+    missing = f"file://{tmp_path / 'gone.git'}"
+    add_async(afs, "broken", missing)
+    row = afs.wait_state("broken", "failed")
+
+    def job() -> dict | None:
+        status, info = afs.flower(f"/api/task/info/{afs.task_id('broken', 1)}")
+        return info if status == 200 and isinstance(info, dict) and info.get("state") == "FAILURE" else None
+
+    info = wait_until(job, 30, interval=0.5, what="flower to show the job failed")
+    assert "PrepareFailed" in str(info["exception"]) and str(row["prepare_error"])[:40] in str(info["exception"])
+    # Failed once, recorded once, and acknowledged: nothing waits to be delivered again.
+    wait_until(afs.jobs_settled, 30, interval=0.2, what="the failed job to be acknowledged")
+    assert afs.log("worker").count(f"Task artifactfs.prepare[{afs.task_id('broken', 1)}] received") == 1
+    assert event_types(afs, "broken").count("failed") == 1
 
 
 def test_prepare_deadline_fails_an_attempt_that_never_ends(afs: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:

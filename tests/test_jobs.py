@@ -167,7 +167,7 @@ name, version = sys.argv[1], int(sys.argv[2])
 settings = load_settings()
 print("ready", flush=True)
 sys.stdin.readline()
-print(run_prepare_job(settings, name, version, job_id=task_id(settings.host, name, version)).value, flush=True)
+print(run_prepare_job(settings, name, version, job_id=task_id(settings.host, name, version)).outcome.value, flush=True)
 """
 
 
@@ -506,7 +506,7 @@ def test_the_same_task_delivered_twice_to_the_worker_at_once_appends_nothing_twi
     wait_until(lambda: afs.log("worker").count(f"Task artifactfs.prepare[{afs.task_id('dup', 1)}] succeeded") == 2, 60,
                interval=0.1, what="both deliveries to finish")  # fmt: skip
     log = afs.log("worker")
-    assert ": 'ready'" in log and ": 'skipped'" in log
+    assert "'outcome': 'ready'" in log and "'outcome': 'skipped'" in log
     assert history(afs, "dup") == ["registered", "phase:validate", "phase:clone", "phase:index", "phase:publish", "ready"]
 
 

@@ -15,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from artifactfs.config import Settings, load_settings
 from artifactfs.jobs import PREPARE_TASK, PrepareOutcome, run_prepare_job
-from artifactfs.model import InvalidInput, RegistryBusy
+from artifactfs.model import InvalidInput, PrepareFailed, RegistryBusy
 from artifactfs.remotes import redact, validate_name
 
 from .app import app
@@ -37,14 +37,14 @@ def check_job_arguments(settings: Settings, repo: object, attempt: object, versi
 
 
 @app.task(name=PREPARE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
-def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> str:
+def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> dict[str, str]:
     """Prepare `repo` on `host`: clone or fetch, index, publish READY. `attempt` counts attempts
     for people; `version`, the stream version that began the attempt, is what identifies it."""
     settings = load_settings()
     name = check_job_arguments(settings, repo, attempt, version, host)
     retries_left = self.request.retries < settings.job_retries
     try:
-        outcome = run_prepare_job(
+        result = run_prepare_job(
             settings, name, version, job_id=self.request.id, may_retry=retries_left, time_limit_error=SoftTimeLimitExceeded
         )
     except RegistryBusy as exc:
@@ -52,7 +52,12 @@ def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> str
         # (run again, it appends nothing twice). This counts as one of the task's retries.
         log.warning("%s: the registry stayed busy, the job goes back to the queue: %s", name, redact(str(exc)))
         raise self.retry(countdown=settings.db_busy_timeout) from None
-    if outcome is PrepareOutcome.RETRY:
+    if result.outcome is PrepareOutcome.RETRY:
         # A transient failure (connection reset, early EOF, HTTP 5xx): back off and try again.
         raise self.retry(countdown=min(2 ** self.request.retries, 60))
-    return outcome.value
+    if result.outcome is PrepareOutcome.FAILED:
+        # Recorded in the log already. Raised, it shows the job as FAILURE in Flower, with the
+        # redacted error; the message is acknowledged all the same (acks_late acknowledges a task
+        # that failed, task_acks_on_failure_or_timeout), so a recorded failure is never redelivered.
+        raise PrepareFailed(result.error or "preparation failed")
+    return result.shown()
