@@ -67,8 +67,6 @@ def scoped_registry(settings: Settings, host: str | None) -> "Registry":
 
 def listed_repos(args: argparse.Namespace, settings: Settings) -> list["RepoState"]:
     """The repositories a listing shows: one host's (--host, default this one), or every host's."""
-    if args.all_hosts and args.host is not None:
-        raise InvalidInput("--host and --all-hosts do not go together: give one of them")
     return scoped_registry(settings, args.host).repos(all_hosts=args.all_hosts)
 
 
@@ -162,8 +160,6 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     from .remotes import validate_name
 
     validate_name(args.name)
-    if args.all_hosts and args.host is not None:
-        raise InvalidInput("--host and --all-hosts do not go together: give one of them")
     events = scoped_registry(settings, args.host).events(args.name, all_hosts=args.all_hosts)
     if not events:
         from .model import UnknownRepo
@@ -241,13 +237,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{PROG}: error: {printable(redact(message))} (see: {self.prog} --help)\n")
 
 
-def host_option(p: argparse.ArgumentParser, what: str) -> None:
+def host_option(p: "argparse._ActionsContainer", what: str) -> None:
     p.add_argument("--host", metavar="HOST", help=f"{what} (default: this host, $ARTIFACTFS_HOST)")
 
 
 def hosts_options(p: argparse.ArgumentParser) -> None:
-    host_option(p, "the repositories of HOST")
-    p.add_argument("--all-hosts", action="store_true", help="the repositories of every host of the fleet")
+    """--host H or --all-hosts, never both (a usage error)."""
+    group = p.add_mutually_exclusive_group()
+    host_option(group, "the repositories of HOST")
+    group.add_argument("--all-hosts", action="store_true", help="the repositories of every host of the fleet")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -396,6 +396,19 @@ def _disk_full(path: Path) -> bool:
     return fs.f_bavail * fs.f_frsize < 64 * 1024
 
 
+def _prepare_file(file: Path, busy_timeout: float) -> str | None:
+    """Create a missing SQLite registry 0600 and tighten an existing one's mode (even a
+    write-protected one's: that only takes bits away); why it must not be written, or None."""
+    read_only = _write_protected(file)
+    try:
+        if read_only is None:
+            SqliteRegistry._create(file)
+        _tighten(file)
+    except sqlite3.Error as exc:
+        raise sqlite_failure(exc, file, busy_timeout, read_only) from None
+    return read_only
+
+
 class SqliteRegistry(Registry):
     def __init__(self, url: str, host: str, busy_timeout: float = 30.0) -> None:
         self.url = url
@@ -404,11 +417,8 @@ class SqliteRegistry(Registry):
         self.busy_timeout = busy_timeout
         self._lock = threading.RLock()
         file = Path(self.path)
-        self.read_only = _write_protected(file)
+        self.read_only = _prepare_file(file, busy_timeout)
         with self._errors():
-            if self.read_only is None:
-                self._create(file)
-            _tighten(file)  # a write-protected registry too: it only takes bits away
             self.conn = self._connect(file)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
@@ -464,13 +474,12 @@ class SqliteRegistry(Registry):
         if schema.VERSION_TABLE in tables:
             row = self.conn.execute(f"SELECT version_num FROM {schema.VERSION_TABLE}").fetchone()
             recorded = row[0] if row else None
-        revision = schema.revision_of(tables, recorded)
-        state = schema.state_of(revision)
-        schema.refuse(state, revision, self.path)
-        if state is schema.SchemaState.EMPTY:
-            if self.read_only is not None:
-                raise sqlite3.OperationalError("attempt to write a readonly database")
-            schema.upgrade(self.url, self.host, self.busy_timeout)
+        schema.open_at(schema.revision_of(tables, recorded), self.path, self._create_schema)
+
+    def _create_schema(self) -> None:
+        if self.read_only is not None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        schema.upgrade(self.url, self.host, self.busy_timeout)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -623,13 +632,7 @@ class SqlAlchemyRegistry(Registry):
         self.host = host
         self.busy_timeout = busy_timeout
         if url.startswith("sqlite:///"):
-            file = Path(url.removeprefix("sqlite:///"))
-            if _write_protected(file) is None:
-                try:
-                    SqliteRegistry._create(file)
-                except sqlite3.Error as exc:
-                    raise sqlite_failure(exc, file, busy_timeout) from None
-            _tighten(file)
+            _prepare_file(Path(url.removeprefix("sqlite:///")), busy_timeout)
         with self._errors():
             from sqlmodel import create_engine
 
@@ -643,10 +646,7 @@ class SqlAlchemyRegistry(Registry):
         at the newest revision gets no DDL at all: a role with data access alone opens it."""
         with self.engine.connect() as conn:
             revision = schema.current_revision(conn)
-        state = schema.state_of(revision)
-        schema.refuse(state, revision, redact(self.url))
-        if state is schema.SchemaState.EMPTY:
-            schema.upgrade(self.url, self.host, self.busy_timeout)
+        schema.open_at(revision, redact(self.url), lambda: schema.upgrade(self.url, self.host, self.busy_timeout))
 
     def _connect_args(self, url: str) -> dict[str, Any]:
         """How long to wait for the server, and for a lock, before giving up (the busy timeout)."""
@@ -702,13 +702,7 @@ def migrate_registry(url: str, host: str, busy_timeout: float) -> list[str]:
     applied. A new SQLite registry is created 0600 first, as opening one would."""
     if url.startswith("sqlite:///"):
         file = Path(url.removeprefix("sqlite:///"))
-        read_only = _write_protected(file)
-        try:
-            if read_only is None:
-                SqliteRegistry._create(file)
-            _tighten(file)
-        except sqlite3.Error as exc:
-            raise sqlite_failure(exc, file, busy_timeout, read_only) from None
+        read_only = _prepare_file(file, busy_timeout)
         if read_only is not None:
             raise sqlite_failure(sqlite3.OperationalError("attempt to write a readonly database"), file, busy_timeout,
                                  read_only)  # fmt: skip

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .model import RegistryError
 from .remotes import redact
 
-HEAD = "0002"  # the newest revision in migrations/versions (tests/test_migrations.py checks)
-BASELINE = "0001"  # the schema of release 0.1.0
-KNOWN = ("0001", "0002")  # every revision, oldest first
+KNOWN = ("0001", "0002")  # every revision in migrations/versions, oldest first (tests/test_migrations.py checks)
+HEAD = KNOWN[-1]
+BASELINE = KNOWN[0]  # the schema of release 0.1.0
 MIGRATIONS = Path(__file__).with_name("migrations")
 VERSION_TABLE = "alembic_version"
 
@@ -65,6 +66,15 @@ def refuse(state: SchemaState, revision: str | None, where: str) -> None:
             f"the registry {where} was migrated by a newer artifactfs (revision {revision}, unknown to this "
             "one): upgrade artifactfs on this host"
         )
+
+
+def open_at(revision: str | None, where: str, create: Callable[[], object]) -> None:
+    """What opening a registry at `revision` does: refuse it unless it is at HEAD, or `create` the
+    schema of a new, empty one."""
+    state = state_of(revision)
+    refuse(state, revision, where)
+    if state is SchemaState.EMPTY:
+        create()
 
 
 def current_revision(conn: Any) -> str | None:
@@ -125,9 +135,10 @@ def _upgrade(url: str, host: str, busy_timeout: float) -> list[str]:
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('artifactfs schema'))")
             before = current_revision(conn)
             state = state_of(before)
-            refuse(state if state is SchemaState.AHEAD else SchemaState.CURRENT, before, redact(url))
             if state is SchemaState.CURRENT:
                 return []
+            if state is SchemaState.AHEAD:
+                refuse(state, before, redact(url))
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes.update(connection=conn, host=host)

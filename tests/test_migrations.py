@@ -14,10 +14,11 @@ import pytest
 import sqlalchemy as sa
 
 from artifactfs import schema
-from artifactfs.model import DuplicateRepo, EventType, NewEvent, RegistryError, RepoState
+from artifactfs.model import DuplicateRepo, EventType, NewEvent, RegistryError
 from artifactfs.registry import open_registry
 
 from .postgres import PostgresServer
+from .test_registry import register, registered
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_HOST = "old-host"
@@ -60,20 +61,15 @@ def release_0_1_tables() -> sa.MetaData:
     return meta
 
 
-def registered(name: str) -> dict[str, object]:
-    return {"remote_url": f"file:///srv/{name}.git", "ref": "refs/heads/main", "mount_path": f"/mnt/{name}",
-            "git_dir": f"/var/lib/artifactfs/git/{name}.git", "attempt": 1, "asynchronous": True}  # fmt: skip
-
-
 def make_release_0_1_registry(url: str) -> None:
     """A registry as 0.1.0 left it: alpha ready, beta failed, gamma removed, and its projection."""
     now = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
     log = [
-        ("alpha", 1, "registered", registered("alpha"), None),
+        ("alpha", 1, "registered", registered("alpha").payload, None),
         ("alpha", 2, "ready", {"head": "a" * 40}, "prepare:alpha:1:ready"),
-        ("beta", 1, "registered", registered("beta"), None),
+        ("beta", 1, "registered", registered("beta").payload, None),
         ("beta", 2, "failed", {"error": "remote unreachable"}, "prepare:beta:1:failed"),
-        ("gamma", 1, "registered", registered("gamma"), None),
+        ("gamma", 1, "registered", registered("gamma").payload, None),
         ("gamma", 2, "removed", {}, None),
     ]
     meta = release_0_1_tables()
@@ -84,9 +80,9 @@ def make_release_0_1_registry(url: str) -> None:
         for stream, version, kind, payload, key in log:
             conn.execute(events.insert().values(stream=stream, version=version, type=kind, payload=payload,
                                                 created_at=now, dedupe_key=key))  # fmt: skip
-        row = dict(registered("alpha"), name="alpha", prepared_gitdir=False, prepare_state="ready", prepare_attempt=1,
-                   attempt_version=1, head="a" * 40, blob_filter="blob:none", version=2, registered_at=now,
-                   updated_at=now)  # fmt: skip
+        row = dict(registered("alpha").payload, name="alpha", asynchronous=True, prepared_gitdir=False,
+                   prepare_state="ready", prepare_attempt=1, attempt_version=1, head="a" * 40, blob_filter="blob:none",
+                   version=2, registered_at=now, updated_at=now)  # fmt: skip
         row.pop("attempt")
         conn.execute(repos.insert().values(**row))  # beta's row is missing: the migration folds the log anew
     engine.dispose()
@@ -167,16 +163,9 @@ def test_a_release_0_1_registry_waits_for_migrate_then_keeps_its_whole_log(new_u
         # And it takes appends again: versions go on, and a name is unique per host only.
         registry.append("beta", lambda _r: [NewEvent(EventType.PREPARE_REQUESTED, {"attempt": 2})])
         assert registry.require("beta").version == 3
-        elsewhere = registry.for_host("new-host")
-
-        def claim(repo: RepoState | None) -> list[NewEvent]:
-            if repo is not None:
-                raise DuplicateRepo("alpha")
-            return [NewEvent(EventType.REGISTERED, registered("alpha"))]
-
-        elsewhere.append("alpha", claim)
+        register(registry.for_host("new-host"), "alpha")
         with pytest.raises(DuplicateRepo):
-            registry.append("alpha", claim)
+            register(registry, "alpha")
         assert [(r.host, r.version) for r in registry.repos(all_hosts=True) if r.name == "alpha"] == [
             ("new-host", 1), (OLD_HOST, 2)]  # fmt: skip
     finally:
