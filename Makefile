@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-git bench-walks bench-packs clean
+.PHONY: setup demo test bench bench-git bench-walks bench-packs bench-fleet bench-history clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,8 @@ bench: setup
 	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
 	$(PY) bench/walks.py $(BENCH_WALKS_ARGS)
 	$(PY) bench/packs.py $(BENCH_PACKS_ARGS)
+	$(PY) bench/fleet.py $(BENCH_FLEET_ARGS)
+	$(PY) bench/history.py $(BENCH_HISTORY_ARGS)
 
 bench-git: setup
 	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
@@ -33,6 +35,12 @@ bench-walks: setup
 
 bench-packs: setup
 	$(PY) bench/packs.py $(BENCH_PACKS_ARGS)
+
+bench-fleet: setup
+	$(PY) bench/fleet.py $(BENCH_FLEET_ARGS)
+
+bench-history: setup
+	$(PY) bench/history.py $(BENCH_HISTORY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,6 +18,10 @@ from .remotes import validate_host
 
 T = TypeVar("T")
 
+# The stack's web services on 127.0.0.1 (`up --flower-port`, `--metrics-port`).
+DEFAULT_FLOWER_PORT = 5555
+DEFAULT_METRICS_PORT = 9464
+
 # Modes of what lives under the state root. The root itself may be traversed (sandboxes reach
 # their mounts under <root>/mnt) but not listed; what holds state is root's alone.
 ROOT_MODE = 0o711
@@ -91,6 +95,11 @@ class Settings:
     def state_root(self) -> Path:
         """Per-repository state that is not git's: hydration statistics, later the overlay."""
         return self.root / "state"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where every process of the stack writes its Prometheus samples (metrics.py)."""
+        return self.run_root / "metrics"
 
     @property
     def embedded_redis_socket(self) -> Path:
@@ -184,8 +193,8 @@ class Settings:
         """Create the state root's directories with their modes (and tighten those an older
         version made world-readable)."""
         git_mode = SHARED_GIT_MODE if self.shared_git_dirs else PRIVATE_DIR_MODE
-        private = (self.tmp_root, self.lock_root, self.run_root, self.mount_run_root, self.state_root,
-                   self.credential_root, self.log_root)  # fmt: skip
+        private = (self.tmp_root, self.lock_root, self.run_root, self.mount_run_root, self.metrics_dir,
+                   self.state_root, self.credential_root, self.log_root)  # fmt: skip
         for path, mode in ((self.root, ROOT_MODE), (self.git_root, git_mode), *((p, PRIVATE_DIR_MODE) for p in private)):
             path.mkdir(mode=mode, parents=True, exist_ok=True)
             current = path.stat().st_mode & 0o777
@@ -208,7 +217,8 @@ def _env(name: str, parse: Callable[[str], T], default: T, what: str) -> T:
         raise InvalidInput(f"{name}={raw!r} is not {what}: fix or unset it") from None
 
 
-def _positive(raw: str) -> float:
+def positive_seconds(raw: str) -> float:
+    """A number of seconds above 0 (the CLI's options take it too); ValueError otherwise."""
     value = float(raw)
     if not value > 0:
         raise ValueError(raw)
@@ -260,18 +270,18 @@ def load_settings() -> Settings:
         mount_root=mount_root,
         redis_url=os.environ.get("ARTIFACTFS_REDIS_URL") or None,
         host=validate_host(os.environ.get("ARTIFACTFS_HOST") or socket.gethostname(), "ARTIFACTFS_HOST"),
-        prepare_deadline=_env("ARTIFACTFS_PREPARE_DEADLINE", _positive, 1800.0, seconds),
-        job_soft_limit=_env("ARTIFACTFS_JOB_SOFT_LIMIT", _positive, 1500.0, seconds),
-        job_hard_limit=_env("ARTIFACTFS_JOB_HARD_LIMIT", _positive, 1700.0, seconds),
-        visibility_timeout=_env("ARTIFACTFS_VISIBILITY_TIMEOUT", _positive, 1800.0, seconds),
+        prepare_deadline=_env("ARTIFACTFS_PREPARE_DEADLINE", positive_seconds, 1800.0, seconds),
+        job_soft_limit=_env("ARTIFACTFS_JOB_SOFT_LIMIT", positive_seconds, 1500.0, seconds),
+        job_hard_limit=_env("ARTIFACTFS_JOB_HARD_LIMIT", positive_seconds, 1700.0, seconds),
+        visibility_timeout=_env("ARTIFACTFS_VISIBILITY_TIMEOUT", positive_seconds, 1800.0, seconds),
         job_retries=_env("ARTIFACTFS_JOB_RETRIES", _count, 5, "a count (0 or more)"),
-        placeholder_wait=_env("ARTIFACTFS_PLACEHOLDER_WAIT", _positive, 2.0, seconds),
-        fetch_timeout=_env("ARTIFACTFS_FETCH_TIMEOUT", _positive, 120.0, seconds),
+        placeholder_wait=_env("ARTIFACTFS_PLACEHOLDER_WAIT", positive_seconds, 2.0, seconds),
+        fetch_timeout=_env("ARTIFACTFS_FETCH_TIMEOUT", positive_seconds, 120.0, seconds),
         fetch_concurrency=_env("ARTIFACTFS_FETCH_CONCURRENCY", _at_least_two, 2, "a count of 2 or more"),
         backfill=_env("ARTIFACTFS_BACKFILL", BackfillPolicy, BackfillPolicy.USED, "one of used, ready, never"),
         pack_limit=_env("ARTIFACTFS_PACK_LIMIT", _at_least_two, 50, "a count of 2 or more"),
-        db_busy_timeout=_env("ARTIFACTFS_DB_BUSY_TIMEOUT", _positive, 30.0, seconds),
-        mount_handshake_timeout=_env("ARTIFACTFS_MOUNT_HANDSHAKE_TIMEOUT", _positive, 10.0, seconds),
+        db_busy_timeout=_env("ARTIFACTFS_DB_BUSY_TIMEOUT", positive_seconds, 30.0, seconds),
+        mount_handshake_timeout=_env("ARTIFACTFS_MOUNT_HANDSHAKE_TIMEOUT", positive_seconds, 10.0, seconds),
         flower_auth=os.environ.get("ARTIFACTFS_FLOWER_AUTH") or None,
         allowed_mount_roots=_env("ARTIFACTFS_ALLOWED_MOUNT_ROOTS", _roots, (), "a ':'-separated list of directories"),
         shared_git_dirs=_env("ARTIFACTFS_SHARED_GIT_DIRS", _flag, False, "true or false"),

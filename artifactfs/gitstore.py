@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .credentials import Credential, helper_command, write_credential_file
 from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
+from .partial.helper import LAZY_FETCH_ARGS
 from .procs import open_files
+from .progress import git_progress
 from .remotes import Remote, redact
 
 PR_SET_PDEATHSIG = 1
@@ -58,15 +62,6 @@ UNREACHABLE_MARKERS = (
     "access denied",
     "permission denied",
 )
-
-# What git's own lazy fetch runs for missing objects; we run it for many objects at once.
-BATCH_FETCH_ARGS = (
-    "-c", "fetch.negotiationAlgorithm=noop",
-    "-c", "maintenance.auto=false",  # the mount consolidates packs itself (Hydrator._consolidate)
-    "fetch", "origin",
-    "--no-tags", "--no-write-fetch-head", "--recurse-submodules=no",
-    "--filter=blob:none", "--stdin",
-)  # fmt: skip
 
 
 def git_env(credential_file: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -112,11 +107,18 @@ def run_git(
     env: dict[str, str] | None = None,
     timeout: float | None = None,
     check: bool = True,
+    progress: Callable[[str, int], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
+    """Run git; with `progress`, git's own percentages go to it as git writes them."""
     cmd = ["git"]
     if git_dir is not None:
         cmd.append(f"--git-dir={git_dir}")
     cmd.extend(args)
+    if progress is not None:
+        proc = _run_reporting(cmd, env if env is not None else git_env(), timeout, progress)
+        if check and proc.returncode != 0:
+            raise classify_git_error(args, proc.stderr)
+        return proc
     proc = subprocess.run(
         cmd, input=input, capture_output=True, env=env if env is not None else git_env(), timeout=timeout,
         stdin=None if input is not None else subprocess.DEVNULL, preexec_fn=die_with_parent,
@@ -124,6 +126,45 @@ def run_git(
     if check and proc.returncode != 0:
         raise classify_git_error(args, proc.stderr)
     return proc
+
+
+def _run_reporting(cmd: list[str], env: dict[str, str], timeout: float | None,
+                   progress: Callable[[str, int], None]) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
+    """subprocess.run for a git that reports progress: its stderr is read as it comes (lines end
+    in \r while a percentage counts up) and kept whole for the error, if any. At `timeout` git is
+    killed, silent or not, and TimeoutExpired raised, as subprocess.run does."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=die_with_parent)  # fmt: skip
+    assert proc.stderr is not None and proc.stdout is not None
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    stderr = bytearray()
+    pending = b""
+    try:
+        while True:
+            left = deadline - time.monotonic() if deadline is not None else None
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(cmd, timeout or 0, None, bytes(stderr))
+            if not select.select([proc.stderr], [], [], left)[0]:
+                continue  # the deadline passed while git was silent
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            stderr += chunk
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for line in lines:
+                found = git_progress(line.decode("utf-8", "replace"))
+                if found is not None:
+                    progress(*found)
+        stdout = proc.stdout.read()  # git writes nothing there that fills a pipe (clone, fetch)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stderr.close()
+        proc.stdout.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, bytes(stderr))
 
 
 def classify_git_error(args: Sequence[str], stderr: bytes) -> GitError:
@@ -165,6 +206,11 @@ class CloneResult:
     head: str
 
 
+# What git says (LC_ALL=C) when a remote does not serve filters (uploadpack.allowFilter=false):
+# it goes on with a full clone, yet records the remote as a promisor of the filter it asked for.
+FILTER_REFUSED = b"filtering not recognized by server"
+
+
 def clone_blobless(
     remote_url: str,
     ref: str,
@@ -174,11 +220,16 @@ def clone_blobless(
     credential_file: Path | None = None,
     timeout: float | None = None,
     blob_filter: str = "blob:none",
+    depth: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> CloneResult:
-    """Blobless, single-branch, tagless clone of `ref` into `git_dir`, atomically.
+    """Blobless, single-branch, tagless clone of `ref` into `git_dir`, atomically; shallow, of
+    `depth` commits, if given.
 
     The clone lands in a temporary directory next to its destination and is renamed into place
-    only when complete, so a failed or killed clone never leaves a half-made git directory.
+    only when complete, so a failed or killed clone never leaves a half-made git directory. A
+    remote that ignores the filter gives a full clone: it is then no partial clone at all (see
+    drop_promisor; preparation tells it by the promisor config that is left).
     """
     branch = short_ref(ref)
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -186,12 +237,15 @@ def clone_blobless(
     try:
         work = tmp / "work"
         env = git_env(credential_file)
-        run_git(
-            ["clone", "--quiet", f"--filter={blob_filter}", "--no-checkout", "--single-branch", "--no-tags",
-             f"--branch={branch}", "--", remote_url, str(work)],
-            env=env, timeout=timeout,
+        shallow = [f"--depth={depth}"] if depth is not None else []
+        cloned = run_git(
+            ["clone", "--progress" if progress else "--quiet", f"--filter={blob_filter}", *shallow, "--no-checkout",
+             "--single-branch", "--no-tags", f"--branch={branch}", "--", remote_url, str(work)],
+            env=env, timeout=timeout, progress=progress,
         )  # fmt: skip
         staged = work / ".git"
+        if FILTER_REFUSED in cloned.stderr:
+            drop_promisor(staged)
         configure_clone(staged, credential_file)
         head = run_git(["rev-parse", "--verify", "HEAD^{commit}"], git_dir=staged, env=env).stdout.decode().strip()
         git_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -201,9 +255,20 @@ def clone_blobless(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def drop_promisor(git_dir: Path) -> None:
+    """Make a clone that received everything a plain, full clone: no promisor remote, no filter,
+    no promisor packs. Left as git made it, every later fetch would ask the remote for a filter it
+    does not serve, and git would take any object missing by corruption for one promised."""
+    for key in ("remote.origin.promisor", "remote.origin.partialclonefilter"):
+        run_git(["config", "--unset-all", key], git_dir=git_dir, check=False)
+    for marker in (git_dir / "objects" / "pack").glob("pack-*.promisor"):
+        marker.unlink()
+
+
 def configure_clone(git_dir: Path, credential_file: Path | None) -> None:
     settings = [
         ("gc.auto", "0"),  # repacking under a live mount would only cost time
+        ("maintenance.auto", "false"),  # nor would a maintenance process after every lazy fetch
         ("fetch.writeCommitGraph", "false"),
     ]
     for key, value in settings:
@@ -224,7 +289,16 @@ def configure_credential_helper(git_dir: Path, credential_file: Path) -> None:
 
 
 def batch_fetch_command(git_dir: Path) -> list[str]:
-    return ["git", f"--git-dir={git_dir}", *BATCH_FETCH_ARGS]
+    return ["git", f"--git-dir={git_dir}", *LAZY_FETCH_ARGS]
+
+
+def fetch_objects(git_dir: Path, oids: Sequence[str], env: dict[str, str], timeout: float | None = None) -> int:
+    """Fetch `oids` from the promisor remote in one transaction (one negotiation, one pack);
+    return how many were asked for. Trees asked for arrive with their subtrees, never blobs."""
+    if oids:
+        run_git(list(LAZY_FETCH_ARGS), git_dir=git_dir, env=env, timeout=timeout,
+                input="".join(f"{oid}\n" for oid in oids).encode())  # fmt: skip
+    return len(oids)
 
 
 # Packs consolidated into one: every promisor pack (each batch fetch adds one) and the rest,

@@ -23,14 +23,18 @@ import logging
 import os
 import shutil
 import signal
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 
 from .config import Settings
 from .locks import repo_lock
+from .logs import about
+from .metrics import ErrorKind, count_error, observe_prepare
 from .model import ArtifactError, GitError, Phase, PrepareState, PrepareTimeout, RegistryBusy, RepoState, StaleAttempt
 from .prepare import Patience, Preparation, fail_attempt
 from .procs import all_pids, parent_pid
+from .progress import Publisher
 from .registry import Registry, open_registry
 from .repos import forget_earlier_registration
 from .remotes import redact, validate_name
@@ -130,14 +134,23 @@ def run_prepare_job(
     (a Celery pool process runs one job at a time): ending the job's processes ends all its children.
     """
     validate_name(name)  # before a lock file or a directory is derived from it
-    become_subreaper()
-    patience = Patience(REGISTRY_PATIENCE * settings.db_busy_timeout)
-    registry = patience.retry(lambda: open_registry(settings.database_url, host=settings.host), name)
-    try:
-        return PrepareJob(settings, registry, name, attempt_version, job_id, patience, may_retry, time_limit_error).run()
-    finally:
-        registry.close()
-        reap_orphans()
+    with about(repo=name, job=job_id, phase=None):  # what the job's log records are about
+        become_subreaper()
+        patience = Patience(REGISTRY_PATIENCE * settings.db_busy_timeout)
+        registry = patience.retry(lambda: open_registry(settings.database_url, host=settings.host), name)
+        started = time.monotonic()
+        outcome = "crashed"  # anything but a result: the registry stayed busy, a bug
+        try:
+            job = PrepareJob(settings, registry, name, attempt_version, job_id, patience, may_retry, time_limit_error)
+            result = job.run()
+            outcome = result.outcome.value
+            if result.outcome is PrepareOutcome.FAILED:
+                count_error(ErrorKind.PREPARE)
+            return result
+        finally:
+            observe_prepare(outcome, time.monotonic() - started)
+            registry.close()
+            reap_orphans()
 
 
 @dataclass
@@ -189,8 +202,10 @@ class PrepareJob:
             return SKIPPED
         if forget_earlier_registration(self.settings, repo):
             log.info("%s: discarded what an earlier registration of the name left on this host", self.name)
+        # Whoever waits on it (prepare --wait, add-repo --host) sees git's percentages too.
+        report = Publisher(self.settings.wakeup_url, self.settings.host, self.name, self.attempt_version)
         preparation = Preparation(self.settings, self.registry, repo, self.job_id, patience=self.patience,
-                                  failpoint=failpoint_from_env())  # fmt: skip
+                                  failpoint=failpoint_from_env(), report=report)  # fmt: skip
         try:
             return JobResult(PrepareOutcome.READY, head=preparation.run())
         except (RegistryBusy, self.time_limit_error):

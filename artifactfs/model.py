@@ -53,8 +53,18 @@ class EventType(str, enum.Enum):
     PHASE = "phase"  # a prepare phase started: validate, clone, fetch, ...
     READY = "ready"  # prepared: head commit known, git dir in place
     FAILED = "failed"  # preparation failed: redacted error
+    REFRESHED = "refreshed"  # the remote ref was fetched again: the outcome, the head before and after
     ADD_ABANDONED = "add_abandoned"  # a blocking add failed: the name is free again
     REMOVED = "removed"  # unregistered: the name is free again
+
+
+class RefreshOutcome(str, enum.Enum):
+    """How a periodic refresh (add-repo --refresh) ended."""
+
+    MOVED = "moved"  # the ref had a new commit, and the mount shows it now
+    UNCHANGED = "unchanged"  # the ref had no new commit
+    KEPT = "kept"  # a new commit, not shown: the working tree has changes of its own
+    FAILED = "failed"  # the fetch or a check failed: the mount keeps its commit
 
 
 class Phase(str, enum.Enum):
@@ -103,6 +113,11 @@ class RegistryBusy(RegistryError):
     is unreachable: worth retrying later (jobs do; the CLI reports it)."""
 
 
+class RepoNotReady(ArtifactError):
+    """The repository has no git directory to work on yet (still preparing, or its preparation
+    failed)."""
+
+
 class PrepareFailed(ArtifactError):
     """A preparation this command waited for ended in `failed`: the message holds its error."""
 
@@ -130,6 +145,10 @@ class RemoteUnreachable(GitError):
 
 class RefNotFound(GitError):
     pass
+
+
+class SourceUnverified(GitError):
+    """The fetched ref does not contain the commit the registration requires (--require-commit)."""
 
 
 class BlobFetchFailed(GitError):
@@ -188,6 +207,15 @@ class RepoState:
     owner_gid: int | None = None
     # The partial-clone filter of the clone (add-repo --filter): blob:none, or blob:limit=SIZE.
     blob_filter: str = "blob:none"
+    # The remote ignored the filter (uploadpack.allowFilter=false): the clone is a full one, and
+    # no promisor remote is configured.
+    filter_fallback: bool = False
+    # Verified sources (add-repo --require-commit, --depth, --refresh).
+    require_commit: str | None = None  # a full commit id the fetched ref must contain
+    depth: int | None = None  # a shallow clone of this many commits; None: the whole history
+    refresh_seconds: float | None = None  # fetch the ref again this often; None: never
+    refreshed_at: datetime | None = None
+    refresh_outcome: str | None = None  # model.RefreshOutcome of the last refresh
     version: int = 0  # the last stream version folded into this row
     registered_at: datetime = field(default_factory=lambda: utcnow())
     updated_at: datetime = field(default_factory=lambda: utcnow())

@@ -43,9 +43,10 @@ def is_mounted(path: str | Path) -> bool:
 
 
 def is_stale(path: str | Path) -> bool:
-    """A FUSE mount whose server is gone answers ENOTCONN to everything."""
+    """A FUSE mount whose server is gone answers ENOTCONN to everything it is asked. statfs is
+    always asked (stat may be answered from the kernel's attribute cache, for minutes)."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

@@ -24,11 +24,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .model import ArtifactError, GitError, InvalidInput, Owner, RefNotFound, RemoteUnreachable
+from .model import (
+    ArtifactError,
+    GitError,
+    InvalidInput,
+    ObjectMissing,
+    Owner,
+    RefNotFound,
+    RemoteUnreachable,
+    RepoState,
+    SourceUnverified,
+)
 
 T = TypeVar("T")
-# The errors a child may report back, by name: anything else arrives as a plain GitError.
-REPORTED_ERRORS: dict[str, type[GitError]] = {cls.__name__: cls for cls in (GitError, RefNotFound, RemoteUnreachable)}
+# The errors a child may report back, by name, raised again in the parent: anything else arrives
+# as a plain GitError.
+REPORTED_ERRORS: dict[str, type[ArtifactError]] = {
+    cls.__name__: cls for cls in (GitError, RefNotFound, RemoteUnreachable, ObjectMissing, InvalidInput, SourceUnverified)
+}
 
 
 def lookup_owner(user: str) -> Owner:
@@ -51,6 +64,12 @@ def owner_of(uid: int | None, gid: int | None) -> Owner | None:
     except KeyError:
         name = str(uid)
     return Owner(name, uid, gid if gid is not None else uid)
+
+
+def git_dir_owner(repo: RepoState) -> Owner | None:
+    """Whose a repository's git directory is (add-repo --owner): every git command on it runs as
+    them. A prepared git directory is someone else's, used as root."""
+    return None if repo.prepared_gitdir else owner_of(repo.owner_uid, repo.owner_gid)
 
 
 def home_of(owner: Owner) -> str:
@@ -121,8 +140,8 @@ def call_as(owner: Owner | None, action: Callable[[], T]) -> T:
             os.close(read_end)
             become(owner)
             answer: dict[str, Any] = {"value": action()}
-        except GitError as exc:
-            answer = {"error": type(exc).__name__, "message": str(exc), "transient": exc.transient}
+        except ArtifactError as exc:
+            answer = {"error": type(exc).__name__, "message": str(exc), "transient": getattr(exc, "transient", False)}
         except BaseException as exc:  # noqa: BLE001 (reported to the parent, which raises it)
             answer = {"error": "failure", "message": f"{type(exc).__name__}: {exc}", "transient": False}
             code = 1
@@ -141,5 +160,7 @@ def call_as(owner: Owner | None, action: Callable[[], T]) -> T:
         raise ArtifactError(f"a process running as {owner.name} died without an answer") from None
     if "error" in answer:
         cls = REPORTED_ERRORS.get(answer["error"], GitError)
-        raise cls(str(answer["message"]), transient=bool(answer.get("transient")))
+        if issubclass(cls, GitError):
+            raise cls(str(answer["message"]), transient=bool(answer.get("transient")))
+        raise cls(str(answer["message"]))
     return answer["value"]  # type: ignore[no-any-return]

@@ -25,7 +25,9 @@ from typing import TypeVar
 from .config import Settings
 from .fs.fsmonitor import add_index_extensions, base_token, fsmonitor_extension, hook_command
 from .fs.untracked_cache import PER_DIRECTORY_EXCLUDES, tree_of_directories, untracked_extension
-from .gitstore import BATCH_FETCH_ARGS, PREPARE_REFLOG_MESSAGE, clone_blobless, git_env, remove_abandoned_packs, run_git
+from .gitstore import PREPARE_REFLOG_MESSAGE, clone_blobless, fetch_objects, git_env, remove_abandoned_packs, run_git
+from .logs import set_context as set_log_context
+from .metrics import PhaseClock
 from .model import (
     EventType,
     InvalidInput,
@@ -37,9 +39,12 @@ from .model import (
     RegistryBusy,
     RemoteUnreachable,
     RepoState,
+    SourceUnverified,
     StaleAttempt,
 )
-from .owners import call_as, give_to, owner_of
+from .owners import call_as, git_dir_owner, give_to
+from .partial.helper import configure as configure_lazy_fetch
+from .progress import Note, Report
 from .registry import Registry
 from .remotes import redact
 from .wakeup import publish
@@ -213,10 +218,7 @@ def fetch_status_blobs(git_dir: Path, head: str, env: dict[str, str]) -> int:
     import pygit2  # libgit2 answers "is it here?" without git's lazy fetch
 
     odb = pygit2.Repository(str(git_dir)).odb
-    missing = [oid for oid in status_blobs(git_dir, head) if not odb.exists(oid)]
-    if missing:
-        run_git(list(BATCH_FETCH_ARGS), git_dir=git_dir, env=env, input="".join(f"{o}\n" for o in missing).encode())
-    return len(missing)
+    return fetch_objects(git_dir, [oid for oid in status_blobs(git_dir, head) if not odb.exists(oid)], env)
 
 
 # Lock files git leaves behind when it is killed while writing: the index, the config, HEAD,
@@ -249,8 +251,10 @@ def clear_leftovers(git_dir: Path) -> list[Path]:
     return removed
 
 
-def fetch_head(git_dir: Path, remote_url: str, source_ref: str, env: dict[str, str]) -> str:
-    """Fetch `source_ref` into a clone (or a prepared git directory); the commit fetched."""
+def fetch_head(git_dir: Path, remote_url: str, source_ref: str, env: dict[str, str],
+               progress: Callable[[str, int], None] | None = None, depth: int | None = None) -> str:  # fmt: skip
+    """Fetch `source_ref` into a clone (or a prepared git directory), `depth` commits deep if
+    given; the commit fetched."""
     promisor = run_git(["config", "--get", "remote.origin.promisor"], git_dir=git_dir, env=env, check=False)
     # Keep a partial clone partial: fetch through its promisor remote, with the filter it was
     # cloned with (git recorded it).
@@ -259,8 +263,39 @@ def fetch_head(git_dir: Path, remote_url: str, source_ref: str, env: dict[str, s
         options, source = [f"--filter={recorded.stdout.decode().strip() or 'blob:none'}"], "origin"
     else:
         options, source = [], remote_url
-    run_git(["fetch", "--quiet", "--no-tags", "--recurse-submodules=no", *options, "--", source, source_ref], git_dir=git_dir, env=env)
+    if depth is not None:
+        options.append(f"--depth={depth}")
+    run_git(["fetch", "--progress" if progress else "--quiet", "--no-tags", "--recurse-submodules=no", *options,
+             "--", source, source_ref], git_dir=git_dir, env=env, progress=progress)  # fmt: skip
     return run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
+
+
+def check_required_commit(git_dir: Path, head: str, required: str, source_ref: str, depth: int | None) -> None:
+    """A verified source: `head`, fetched from `source_ref`, must be `required` or descend from it.
+    Asked of libgit2, which never fetches: a commit that is not here is not in the history
+    fetched (a shallow one ends at its boundary)."""
+    import pygit2
+
+    repo = pygit2.Repository(str(git_dir))
+    try:
+        contained = head == required or repo.descendant_of(head, required)
+    except (KeyError, ValueError, pygit2.GitError):
+        contained = False
+    if not contained:
+        within = f" within its {depth} newest commits (--depth {depth})" if depth is not None else ""
+        raise SourceUnverified(
+            f"{source_ref} at {head} does not contain the required commit {required}{within}: the remote's ref "
+            "is not the verified source (check --require-commit, or the remote)"
+        )
+
+
+def verify_source(repo: RepoState, git_dir: Path, head: str, owner: Owner | None) -> None:
+    """A verified source (add-repo --require-commit): SourceUnverified unless `head`, fetched
+    into `git_dir`, contains the commit; checked as `owner`. Nothing to check without one."""
+    required = repo.require_commit
+    if required is not None:
+        source_ref, depth = repo.fetch_ref or repo.ref, repo.depth
+        call_as(owner, lambda: check_required_commit(git_dir, head, required, source_ref, depth))
 
 
 def move_branch(git_dir: Path, ref: str, head: str) -> None:
@@ -289,15 +324,30 @@ class Preparation:
     credential_file: Path | None = None  # a blocking add's own: a worker's job never holds one
     patience: Patience = field(default_factory=Patience)  # for a busy registry (jobs wait it out)
     failpoint: Phase | None = None  # a fault drill's stop (see jobs.failpoint_from_env)
+    clock: PhaseClock = field(default_factory=PhaseClock)  # each phase's time (metrics.py)
+    report: Report | None = None  # who waits on it (progress.py): the phases and git's percentages
 
     def phase(self, phase: Phase) -> None:
+        self.clock.begin(phase.value)
+        set_log_context(phase=phase.value)
         self._record(NewEvent(EventType.PHASE, {"phase": phase.value}, job_id=self.job_id,
                               dedupe_key=f"{self.job_id}:{phase.value}"))  # fmt: skip
+        if self.report is not None:  # after the event: whoever hears of the phase finds it in the log
+            self.report(Note(phase.value))
         if phase is not Phase.CLONE:  # the clone's stop is once it has landed (see _clone)
             self._reached(phase)
 
     def run(self) -> str:
         """Run every phase; return the head commit now published as READY."""
+        try:
+            head = self._run()
+        except BaseException:
+            self.clock.end("failed")
+            raise
+        self.clock.end("ok")
+        return head
+
+    def _run(self) -> str:
         repo = self.repo
         git_dir = self.settings.repo_git_dir(repo)
         source_ref = repo.fetch_ref or repo.ref
@@ -317,9 +367,16 @@ class Preparation:
         self.phase(Phase.INDEX)
         env = git_env(self.credential_file)
         work_tree = Path(repo.mount_path)
-        call_as(owner, lambda: (write_index(git_dir, head, work_tree), fetch_status_blobs(git_dir, head, env))[1])
+        partial = call_as(owner, lambda: (write_index(git_dir, head, work_tree), configure_lazy_fetch(git_dir),
+                                          fetch_status_blobs(git_dir, head, env))[1])  # fmt: skip
         self.phase(Phase.PUBLISH)
-        self._record(NewEvent(EventType.READY, {"head": head}, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
+        payload: dict[str, object] = {"head": head}
+        if not partial and not repo.prepared_gitdir:
+            # The remote ignored the filter (uploadpack.allowFilter=false): a full clone, said here
+            # and shown by status, since its size and its time are not what the filter promised.
+            log.warning("%s: the remote does not support filters: a full clone, not a partial one", repo.name)
+            payload["filter_fallback"] = True
+        self._record(NewEvent(EventType.READY, payload, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
         return head
 
     def abandon(self) -> None:
@@ -334,6 +391,12 @@ class Preparation:
         guard = current_attempt(self.repo.attempt_version)
         self.patience.retry(lambda: record(self.settings, self.registry, self.repo.name, event, guard=guard), self.repo.name)
 
+    def _git_progress(self) -> Callable[[str, int], None] | None:
+        report = self.report
+        if report is None:
+            return None
+        return lambda stage, percent: report(Note(stage=stage, percent=percent))
+
     def _reached(self, phase: Phase) -> None:
         """A fault drill's stop: say so in one line, then wait here until killed."""
         if phase is not self.failpoint:
@@ -344,7 +407,7 @@ class Preparation:
 
     def _clone(self, git_dir: Path) -> str:
         """Clone into a staging directory of this attempt, then rename the clone into place: git_dir
-        appears only once the clone is complete (and a drill can stop in between)."""
+        appears only once the clone is complete and verified (and a drill can stop in between)."""
         tmp_root = self.settings.tmp_root
         tmp_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{git_dir.name}.", dir=tmp_root))
@@ -352,8 +415,9 @@ class Preparation:
             staged = staging / git_dir.name
             head = clone_blobless(
                 self.repo.remote_url, self.repo.ref, staged, tmp_root, credential_file=self.credential_file,
-                blob_filter=self.repo.blob_filter,
+                blob_filter=self.repo.blob_filter, depth=self.repo.depth, progress=self._git_progress(),
             ).head
+            verify_source(self.repo, staged, head, None)  # root's still, in the root-only temporary root
             self._reached(Phase.CLONE)
             git_dir.parent.mkdir(parents=True, exist_ok=True)
             owner = self.owner
@@ -370,12 +434,15 @@ class Preparation:
     @property
     def owner(self) -> Owner | None:
         """Whose the git directory is (add-repo --owner): every git command on it runs as them."""
-        return None if self.repo.prepared_gitdir else owner_of(self.repo.owner_uid, self.repo.owner_gid)
+        return git_dir_owner(self.repo)
 
     def _fetch(self, git_dir: Path, source_ref: str) -> str:
         self.phase(Phase.FETCH)
         env = git_env(self.credential_file)
-        head = call_as(self.owner, lambda: fetch_head(git_dir, self.repo.remote_url, source_ref, env))
+        progress = self._git_progress()
+        depth = self.repo.depth
+        head = call_as(self.owner, lambda: fetch_head(git_dir, self.repo.remote_url, source_ref, env, progress, depth))
+        verify_source(self.repo, git_dir, head, self.owner)  # before the branch moves: git in the mount never sees it
         self.phase(Phase.UPDATE_BRANCH)
         call_as(self.owner, lambda: move_branch(git_dir, self.repo.ref, head))
         return head

@@ -29,6 +29,9 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
             owner_uid=p.get("owner_uid"),
             owner_gid=p.get("owner_gid"),
             blob_filter=p.get("filter", "blob:none"),
+            require_commit=p.get("require_commit"),
+            depth=p.get("depth"),
+            refresh_seconds=p.get("refresh_seconds"),
         )
     elif repo is None:
         return None  # history of a name that is not registered now (e.g. an abandoned add)
@@ -49,6 +52,11 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
         repo.prepare_error = None
         repo.prepare_phase = None
         repo.head = p["head"]
+        repo.filter_fallback = bool(p.get("filter_fallback", False))
+    elif kind is EventType.REFRESHED:
+        repo.head = p.get("head") or repo.head
+        repo.refreshed_at = ev.created_at
+        repo.refresh_outcome = p.get("outcome")
     elif kind is EventType.FAILED:
         repo.prepare_state = PrepareState.FAILED.value
         repo.prepare_error = p.get("error") or "unknown error"

@@ -238,11 +238,16 @@ def _from_db_time(value: str) -> datetime:
     return datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
 
 
+# SQLite hands booleans back as integers and times as text: the columns to convert, by their types.
+_BOOL_COLUMNS = tuple(f.name for f in fields(RepoState) if f.type == "bool")
+_TIME_COLUMNS = tuple(f.name for f in fields(RepoState) if str(f.type).startswith("datetime"))
+
+
 def _repo_from_sqlite(row: sqlite3.Row) -> RepoState:
     data = dict(row)
-    data["prepared_gitdir"] = bool(data["prepared_gitdir"])
-    data["asynchronous"] = bool(data["asynchronous"])
-    for key in ("registered_at", "updated_at", "attempt_started_at"):
+    for key in _BOOL_COLUMNS:
+        data[key] = bool(data[key])
+    for key in _TIME_COLUMNS:
         if data[key] is not None:
             data[key] = _from_db_time(data[key])
     return RepoState(**data)

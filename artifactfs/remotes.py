@@ -107,6 +107,43 @@ def validate_filter(raw: str) -> str:
     return f"blob:limit={int(match.group(1))}{match.group(2)}"
 
 
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+MAX_DEPTH = 1_000_000
+_INTERVAL = re.compile(r"([0-9]{1,9})(s|m|h|d)?")
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def validate_commit_id(raw: str) -> str:
+    """A full commit id (SHA-1 or SHA-256), as --require-commit takes it: an abbreviation could
+    name another commit tomorrow, and a verified source must name exactly one."""
+    text = raw.strip().lower()
+    if _COMMIT_ID.fullmatch(text) is None:
+        raise InvalidInput(f"invalid --require-commit {printable(repr(raw))}: give a full commit id "
+                           "(40 hex digits, or 64 for SHA-256; see: git rev-parse COMMIT)")  # fmt: skip
+    return text
+
+
+def validate_depth(raw: str | int) -> int:
+    """--depth N: a shallow clone of the N newest commits (1 to MAX_DEPTH)."""
+    text = str(raw).strip()
+    if re.fullmatch(r"[0-9]{1,7}", text) is None or not 1 <= int(text) <= MAX_DEPTH:
+        raise InvalidInput(f"invalid --depth {printable(repr(raw))}: give a number of commits from 1 to {MAX_DEPTH}")
+    return int(text)
+
+
+def validate_refresh(raw: str) -> float | None:
+    """--refresh INTERVAL|never: seconds between refreshes (30, 90s, 5m, 1h, 1d), or None."""
+    text = raw.strip().lower()
+    if text == "never":
+        return None
+    match = _INTERVAL.fullmatch(text)
+    seconds = int(match.group(1)) * _INTERVAL_UNITS[match.group(2) or "s"] if match is not None else 0
+    if seconds < 1:
+        raise InvalidInput(f"invalid --refresh {printable(repr(raw))}: give an interval (30, 90s, 5m, 1h, 1d; at least "
+                           "1s) or never")  # fmt: skip
+    return float(seconds)
+
+
 def validate_ref(ref: str) -> str:
     """Accept `refs/heads/main`, `refs/tags/v1` or a short branch name; return the full ref.
 

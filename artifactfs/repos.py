@@ -7,6 +7,8 @@ import shutil
 import stat
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,8 +34,22 @@ from .model import (
 from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, resolve_outside, unmount, under
 from .owners import lookup_owner
 from .prepare import Preparation, announce, check_git_dir, fail_attempt, record
+from .progress import Note, Report
+from .progress import channel as progress_channel
+from .progress import parse as parse_note
 from .registry import Registry
-from .remotes import DEFAULT_FILTER, Remote, parse_remote, redact, validate_filter, validate_name, validate_ref
+from .remotes import (
+    DEFAULT_FILTER,
+    Remote,
+    parse_remote,
+    redact,
+    validate_commit_id,
+    validate_depth,
+    validate_filter,
+    validate_name,
+    validate_ref,
+    validate_refresh,
+)
 from .stack import running_pid
 
 # How long remove-repo waits for mountd to take the mount down before doing it itself.
@@ -56,6 +72,9 @@ class AddRequest:
     owner: Owner | None = None  # whose the mounted files and the git directory are (default: root's)
     blob_filter: str = DEFAULT_FILTER  # the clone's partial-clone filter
     elsewhere: bool = False  # registered for another host of the fleet: its mountd and worker do the rest
+    require_commit: str | None = None  # a commit the fetched ref must contain (verified source)
+    depth: int | None = None  # a shallow clone of this many commits
+    refresh_seconds: float | None = None  # fetch the ref again this often (None: never)
 
 
 def parse_add_request(
@@ -71,6 +90,9 @@ def parse_add_request(
     fetch_ref: str | None = None,
     owner: str | None = None,
     blob_filter: str | None = None,
+    require_commit: str | None = None,
+    depth: str | None = None,
+    refresh: str | None = None,
 ) -> AddRequest:
     """Validate everything a user typed before anything is written. The repository is registered
     for `registry.host`: another host than this one gets what can be checked from here alone."""
@@ -84,6 +106,14 @@ def parse_add_request(
     checked_filter = validate_filter(blob_filter) if blob_filter is not None else DEFAULT_FILTER
     if blob_filter is not None and prepared_gitdir:
         raise InvalidInput("--filter does not go with --prepared-gitdir: that git directory keeps the filter it was cloned with")
+    required = validate_commit_id(require_commit) if require_commit is not None else None
+    checked_depth = validate_depth(depth) if depth is not None else None
+    if checked_depth is not None and prepared_gitdir:
+        raise InvalidInput("--depth does not go with --prepared-gitdir: that git directory keeps the history it has")
+    refresh_seconds = validate_refresh(refresh) if refresh is not None else None
+    if refresh_seconds is not None and parsed.has_credentials:
+        raise InvalidInput("--refresh does not go with credentials in the remote URL: refreshes are background jobs, "
+                           "which never hold them (configure a credential helper for the worker instead)")  # fmt: skip
     who = lookup_owner(owner) if owner is not None else None
     if who is not None and prepared_gitdir:
         raise InvalidInput("--owner does not go with --prepared-gitdir: that git directory already has an owner")
@@ -110,6 +140,7 @@ def parse_add_request(
     return AddRequest(
         name=name, remote=parsed, ref=full_ref, mount_path=mount_path, git_dir=directory,
         prepared_gitdir=prepared_gitdir, fetch_ref=fetch_ref, owner=who, blob_filter=checked_filter, elsewhere=elsewhere,
+        require_commit=required, depth=checked_depth, refresh_seconds=refresh_seconds,
     )  # fmt: skip
 
 
@@ -227,6 +258,9 @@ def registration(req: AddRequest, *, asynchronous: bool, job_id: str | None) -> 
             "asynchronous": asynchronous,
             "attempt": 1,
             "filter": req.blob_filter,
+            **({"require_commit": req.require_commit} if req.require_commit is not None else {}),
+            **({"depth": req.depth} if req.depth is not None else {}),
+            **({"refresh_seconds": req.refresh_seconds} if req.refresh_seconds is not None else {}),
             **({"owner_uid": req.owner.uid, "owner_gid": req.owner.gid} if req.owner is not None else {}),
         },
         job_id=job_id,
@@ -249,7 +283,7 @@ def register(settings: Settings, registry: Registry, req: AddRequest, *, asynchr
     # registration of the name left there (forget_earlier_registration).
 
 
-def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoState:
+def add_repo(settings: Settings, registry: Registry, req: AddRequest, report: Report | None = None) -> RepoState:
     """The blocking add: register, clone, and return once the repository is ready.
 
     On any failure (or Ctrl-C) the clone is removed and an ADD_ABANDONED event frees the name, so
@@ -257,7 +291,7 @@ def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoSta
     prepares it while this command follows the log (add_elsewhere).
     """
     if req.elsewhere:
-        return add_elsewhere(settings, registry, req)
+        return add_elsewhere(settings, registry, req, report)
     settings.ensure_dirs()
     job_id = f"add:{req.name}:{uuid.uuid4().hex[:12]}"
     with repo_lock(settings.lock_file(req.name)):
@@ -266,7 +300,7 @@ def add_repo(settings: Settings, registry: Registry, req: AddRequest) -> RepoSta
         try:
             if credential_file is not None:
                 store_credentials(req.remote, credential_file)
-            Preparation(settings, registry, registry.require(req.name), job_id, credential_file).run()
+            Preparation(settings, registry, registry.require(req.name), job_id, credential_file, report=report).run()
         except StaleAttempt:
             raise  # `prepare` handed it to a worker meanwhile: the registration is the worker's now
         except BaseException as exc:
@@ -295,28 +329,101 @@ def add_repo_async(settings: Settings, registry: Registry, req: AddRequest) -> N
     wait_for_placeholder(settings, req.mount_path)
 
 
-def add_elsewhere(settings: Settings, registry: Registry, req: AddRequest) -> RepoState:
+def add_elsewhere(settings: Settings, registry: Registry, req: AddRequest, report: Report | None = None) -> RepoState:
     """The blocking add for another host: register it there, then follow the log until that host's
     worker has prepared it. If it fails, or the wait is interrupted or outlives the prepare
     deadline, the name is freed again (ADD_ABANDONED): the other host's job finds its attempt
     superseded and discards what it made, and its mountd takes the placeholder down."""
     add_repo_async(settings, registry, req)
-    deadline = time.monotonic() + settings.prepare_deadline + OUTCOME_GRACE_SECONDS
     try:
-        while (repo := registry.require(req.name)).state is PrepareState.PREPARING:
-            if time.monotonic() > deadline:
-                raise PrepareFailed(
-                    f"{registry.host} did not prepare {req.name} within {settings.prepare_deadline:g}s "
-                    f"(ARTIFACTFS_PREPARE_DEADLINE): are its mountd and worker running? (artifactfs up on {registry.host})"
-                )
-            time.sleep(OUTCOME_POLL_SECONDS)
-        if repo.state is PrepareState.FAILED:
-            raise PrepareFailed(f"preparing {req.name} on {registry.host} failed: {repo.prepare_error}")
+        return follow_attempt(settings, registry, req.name, registry.require(req.name).attempt_version, report)
     except BaseException as exc:
         error = redact(str(exc)) or type(exc).__name__
         record(settings, registry, req.name, NewEvent(EventType.ADD_ABANDONED, {"error": error}))
         raise
-    return repo
+
+
+def on_host(settings: Settings, host: str) -> str:
+    """' on H' when a command acts on another host than this one."""
+    return "" if host == settings.host else f" on {host}"
+
+
+def follow_attempt(settings: Settings, registry: Registry, name: str, attempt_version: int,
+                   report: Report | None = None) -> RepoState:  # fmt: skip
+    """Wait until the attempt begun at `attempt_version` (run by a worker, maybe another host's)
+    ends: the repository, ready; PrepareFailed if it failed, or outlived the prepare deadline.
+    Its phases come from the log, git's percentages from the job's progress channel."""
+    where = on_host(settings, registry.host)
+    deadline = time.monotonic() + settings.prepare_deadline + OUTCOME_GRACE_SECONDS
+    position, phase = 0, None
+
+    def read_log() -> None:
+        nonlocal position, phase
+        for event in registry.events(name, after=position):
+            position = event.id
+            if event.type == EventType.PHASE.value and event.version > attempt_version:
+                phase = str(event.payload.get("phase"))
+                if report is not None:
+                    report(Note(phase))
+
+    with _progress_channel(settings, registry.host, name) as listen:
+        while True:
+            read_log()
+            repo = registry.require(name)
+            if repo.attempt_version != attempt_version:
+                raise PrepareFailed(f"the attempt to prepare {name}{where} was superseded by another (see: artifactfs events --name {name})")
+            if repo.state is PrepareState.READY:
+                return repo
+            if repo.state is PrepareState.FAILED:
+                raise PrepareFailed(f"preparing {name}{where} failed: {repo.prepare_error}")
+            if time.monotonic() > deadline:
+                raise PrepareFailed(
+                    f"{registry.host} did not prepare {name} within {settings.prepare_deadline:g}s "
+                    f"(ARTIFACTFS_PREPARE_DEADLINE): are its mountd and worker running? (artifactfs up on {registry.host})"
+                )
+            for note in listen(attempt_version, OUTCOME_POLL_SECONDS):
+                if report is None or note.stage is None:
+                    continue
+                if note.phase != phase:  # the job is a phase ahead of what was read: the log has it
+                    read_log()
+                if note.phase == phase:  # shown under the phase it belongs to, in the log's order
+                    report(note)
+
+
+@contextmanager
+def _progress_channel(settings: Settings, host: str, name: str) -> Iterator[Callable[[int, float], list[Note]]]:
+    """listen(attempt_version, seconds): the Notes the job published within `seconds` (an empty
+    list, after sleeping, when Redis cannot be reached: the log alone still tells the outcome)."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.wakeup_url, socket_timeout=5, socket_connect_timeout=2)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(progress_channel(host, name))
+    except Exception:  # no broker here, or not ours: phases only
+        pubsub = None
+
+    def listen(attempt_version: int, seconds: float) -> list[Note]:
+        if pubsub is None:
+            time.sleep(seconds)
+            return []
+        notes, until = [], time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            try:
+                message = pubsub.get_message(timeout=left)
+            except Exception:
+                time.sleep(max(until - time.monotonic(), 0))
+                break
+            if message is not None and (note := parse_note(message["data"], attempt_version)) is not None:
+                notes.append(note)
+        return notes
+
+    try:
+        yield listen
+    finally:
+        if pubsub is not None:
+            with suppress(Exception):
+                pubsub.close()
 
 
 def wait_for_placeholder(settings: Settings, mount_path: Path) -> bool:
@@ -335,10 +442,11 @@ def wait_for_placeholder(settings: Settings, mount_path: Path) -> bool:
 @dataclass(frozen=True)
 class PrepareRequest:
     attempt: int
+    version: int  # of the event that began it: what names the attempt (follow_attempt)
     head: str | None = None  # set when the attempt ran here: the commit now published as READY
 
 
-def request_prepare(settings: Settings, registry: Registry, name: str) -> PrepareRequest:
+def request_prepare(settings: Settings, registry: Registry, name: str, report: Report | None = None) -> PrepareRequest:
     """Ask for a new preparation attempt (after a failure, or to refresh).
 
     A worker prepares it; a repository registered with inline credentials is prepared here, in
@@ -346,7 +454,7 @@ def request_prepare(settings: Settings, registry: Registry, name: str) -> Prepar
     """
     validate_name(name)
     if registry.host == settings.host and settings.credential_file(name).exists():
-        return _prepare_here(settings, registry, name)
+        return _prepare_here(settings, registry, name, report)
 
     def decide(repo: RepoState | None) -> list[NewEvent]:
         if repo is None:
@@ -355,10 +463,10 @@ def request_prepare(settings: Settings, registry: Registry, name: str) -> Prepar
 
     [event] = registry.append(name, decide)
     announce(settings, name)
-    return PrepareRequest(int(event.payload["attempt"]))
+    return PrepareRequest(int(event.payload["attempt"]), event.version)
 
 
-def _prepare_here(settings: Settings, registry: Registry, name: str) -> PrepareRequest:
+def _prepare_here(settings: Settings, registry: Registry, name: str, report: Report | None) -> PrepareRequest:
     job_id = f"prepare:{name}:local-{uuid.uuid4().hex[:12]}"
 
     def decide(repo: RepoState | None) -> list[NewEvent]:
@@ -377,14 +485,14 @@ def _prepare_here(settings: Settings, registry: Registry, name: str) -> PrepareR
                 # A clone made by an older version asks git's store helper, which forgets the
                 # credential at the first 401: ask ours instead.
                 configure_credential_helper(settings.repo_git_dir(repo), credential_file)
-            head = Preparation(settings, registry, repo, job_id, credential_file).run()
+            head = Preparation(settings, registry, repo, job_id, credential_file, report=report).run()
         except StaleAttempt:
             raise
         except BaseException as exc:
             error = redact(str(exc)) or type(exc).__name__
             fail_attempt(settings, registry, repo, error, job_id=job_id, dedupe_key=f"{job_id}:failed")
             raise
-    return PrepareRequest(int(event.payload["attempt"]), head)
+    return PrepareRequest(int(event.payload["attempt"]), event.version, head)
 
 
 def _mark_registration(settings: Settings, name: str, registered_at: datetime) -> None:
@@ -510,6 +618,14 @@ def backfill_columns(record: dict[str, Any]) -> dict[str, object]:
     }
 
 
+def clone_kind(repo: RepoState) -> str:
+    """What kind of clone the git directory is, as status says it."""
+    if repo.prepared_gitdir:
+        return "prepared"
+    kind = "full (the remote does not support filters)" if repo.filter_fallback else "partial"
+    return f"{kind}, shallow (depth {repo.depth})" if repo.depth is not None else kind
+
+
 def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
     """What `status` shows of `repo`; what lives on the host's disk (hydration, backfill) only
     for this host's repositories."""
@@ -524,6 +640,11 @@ def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
         "ref": repo.ref,
         "remote": repo.remote_url,
         "filter": repo.blob_filter,
+        "clone": clone_kind(repo),
+        "require_commit": repo.require_commit or "",
+        "refresh": f"{repo.refresh_seconds:g}s" if repo.refresh_seconds is not None else "never",
+        "refreshed_at": repo.refreshed_at.isoformat() if repo.refreshed_at is not None else "",
+        "refresh_outcome": repo.refresh_outcome or "",
         "mount_path": repo.mount_path,
         "phase": repo.prepare_phase or "",
         "prepare_error": repo.prepare_error or "",

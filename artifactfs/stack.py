@@ -1,12 +1,14 @@
 """The embedded stack of one host: `artifactfs up` starts what is missing, `down` stops it.
 
 redis-server (private, on a Unix socket under the state root, unless ARTIFACTFS_REDIS_URL names
-one), a Celery worker for this host's queue, mountd, and Flower on 127.0.0.1. Each runs in its own
-session with its log under <root>/log and its pid file under <root>/run.
+one), a Celery worker for this host's queue, mountd, Flower on 127.0.0.1, and the Prometheus
+metrics endpoint on 127.0.0.1 (metrics.py). Each runs in its own session with its log under
+<root>/log and its pid file under <root>/run.
 
 What keeps a local process from using the stack against root:
 - Flower asks for HTTP basic auth on its pages and its API (which can shut workers down and send
-  jobs). The credential reaches Flower through its environment, never its command line (which
+  jobs), and the metrics endpoint for the same credential (its series describe what the host
+  serves). The credential reaches both through their environment, never a command line (which
   `ps` shows to every user), and lives in <root>/flower-auth (0600) unless the operator sets it.
 - A pid file holds a pid and its start time (procs.py): a process is signalled only while it is
   that very process, running the program of that service. A stale file is removed, never obeyed.
@@ -34,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Settings
+from .config import DEFAULT_FLOWER_PORT, DEFAULT_METRICS_PORT, Settings
 from .model import ArtifactError, InvalidInput, MountRefused
 from .procs import ProcessId, cmdline, is_running, read_pid_file, write_pid_file
 from .wakeup import ping
@@ -46,7 +48,7 @@ LOG_GENERATIONS = 3  # <service>.log.1 .. .3 keep the logs of earlier runs
 FLOWER_USER = "artifactfs"
 
 # Started in this order, stopped in the reverse one.
-SERVICE_NAMES = ("redis", "worker", "mountd", "flower")
+SERVICE_NAMES = ("redis", "worker", "mountd", "flower", "metrics")
 # What the command line of each service holds (redis and Celery rewrite their process titles,
 # so these are words that survive the rewrite). With the start time, this tells a service from a
 # process that happens to have its pid after a reboot.
@@ -55,10 +57,13 @@ SERVICE_MARKERS: dict[str, tuple[str, ...]] = {
     "worker": ("artifactfs", "worker"),
     "mountd": ("artifactfs", "daemon"),
     "flower": ("celery", "flower"),
+    "metrics": ("artifactfs", "serve-metrics"),
 }
+# How `up` hands the metrics service its credential (the same as Flower's): never on a command line.
+METRICS_AUTH_ENV = "ARTIFACTFS_METRICS_BASIC_AUTH"
 # Never handed to a service: Flower gets its credential as FLOWER_BASIC_AUTH alone, and an open
 # API must not be re-enabled from the caller's environment.
-WITHHELD_ENV = ("ARTIFACTFS_FLOWER_AUTH", "FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")
+WITHHELD_ENV = ("ARTIFACTFS_FLOWER_AUTH", "FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API", METRICS_AUTH_ENV)
 
 
 class StackError(ArtifactError):
@@ -191,7 +196,13 @@ def _redis_server() -> str:
     return found
 
 
-def services(settings: Settings, *, flower_port: int, concurrency: int, flower_auth: FlowerAuth) -> list[Service]:
+@dataclass(frozen=True)
+class Ports:
+    flower: int = DEFAULT_FLOWER_PORT
+    metrics: int = DEFAULT_METRICS_PORT
+
+
+def services(settings: Settings, *, ports: Ports, concurrency: int, flower_auth: FlowerAuth) -> list[Service]:
     logs = settings.log_root
     cli = [sys.executable, "-m", "artifactfs.cli", "--log-level", "INFO"]
     found: list[Service] = []
@@ -214,12 +225,18 @@ def services(settings: Settings, *, flower_port: int, concurrency: int, flower_a
         "mountd", [*cli, "daemon"], _log_has(logs / "mountd.log", "mountd started"),
         f"mountd under {settings.mount_root}", _service_env(), settings.umask,
     ))  # fmt: skip
-    banner = _log_has(logs / "flower.log", f"Visit me at http://127.0.0.1:{flower_port}")
+    banner = _log_has(logs / "flower.log", f"Visit me at http://127.0.0.1:{ports.flower}")
     found.append(Service(
         "flower",
-        [sys.executable, "-m", "celery", "-A", "workers.app", "flower", "--address=127.0.0.1", f"--port={flower_port}"],
-        lambda: banner() and _port_open(flower_port), f"flower on http://127.0.0.1:{flower_port}",
+        [sys.executable, "-m", "celery", "-A", "workers.app", "flower", "--address=127.0.0.1", f"--port={ports.flower}"],
+        lambda: banner() and _port_open(ports.flower), f"flower on http://127.0.0.1:{ports.flower}",
         _service_env(FLOWER_BASIC_AUTH=flower_auth.basic), settings.umask,
+    ))  # fmt: skip
+    metrics = _log_has(logs / "metrics.log", f"metrics on http://127.0.0.1:{ports.metrics}/metrics")
+    found.append(Service(
+        "metrics", [*cli, "serve-metrics", "--port", str(ports.metrics)],
+        lambda: metrics() and _port_open(ports.metrics), f"metrics on http://127.0.0.1:{ports.metrics}/metrics",
+        _service_env(**{METRICS_AUTH_ENV: flower_auth.basic}), settings.umask,
     ))  # fmt: skip
     return found
 
@@ -286,12 +303,19 @@ def _wait_gone(idents: list[ProcessId], timeout: float) -> list[ProcessId]:
 
 def _stop(ident: ProcessId, timeout: float) -> bool:
     """SIGTERM, then SIGKILL to its group after `timeout`; True if SIGTERM sufficed."""
-    _signal(ident, signal.SIGTERM)
-    if not _wait_gone([ident], timeout):
-        return True
-    _signal(ident, signal.SIGKILL, group=True)
-    _wait_gone([ident], timeout)
-    return False
+    return not _stop_all([ident], timeout)
+
+
+def _stop_all(idents: list[ProcessId], timeout: float) -> list[ProcessId]:
+    """SIGTERM to each at once, then SIGKILL to the groups of those still running after
+    `timeout`; those that needed it."""
+    for ident in idents:
+        _signal(ident, signal.SIGTERM)
+    stubborn = _wait_gone(idents, timeout)
+    for ident in stubborn:
+        _signal(ident, signal.SIGKILL, group=True)
+    _wait_gone(stubborn, timeout)
+    return stubborn
 
 
 @contextmanager
@@ -387,7 +411,14 @@ def _migrate(settings: Settings) -> str:
     return f"registry: migrated ({', '.join(applied)})" if applied else "registry: schema up to date"
 
 
-def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> Iterator[str]:
+def _check_port(settings: Settings, service: str, port: int, option: str) -> None:
+    """A port taken by something else than our service, said before anything starts (a port taken
+    later still fails the service's start)."""
+    if _verified(settings, service) is None and _port_open(port):
+        raise StackError(f"port {port} on 127.0.0.1 is taken (another {service}?): choose another with {option}")
+
+
+def up(settings: Settings, *, ports: Ports = Ports(), concurrency: int = 2) -> Iterator[str]:
     """Start what is not running yet, yielding a line per service. On failure, stop what this
     call started (services that ran before it are left alone) and raise one StackError."""
     configured = configured_flower_auth(settings)  # checked before anything is created
@@ -397,15 +428,14 @@ def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> 
     with _stack_lock(settings):
         auth = configured or stored_flower_auth(settings)
         yield _migrate(settings)
-        if _verified(settings, "flower") is None and _port_open(flower_port):
-            # Said before anything starts; a port taken later still fails Flower's start below.
-            raise StackError(
-                f"port {flower_port} on 127.0.0.1 is taken (another Flower?): "
-                "choose another with --flower-port or ARTIFACTFS_FLOWER_PORT"
-            )
+        if ports.flower == ports.metrics:
+            raise StackError(f"Flower and the metrics endpoint cannot share port {ports.flower}: choose another "
+                             "with --metrics-port or ARTIFACTFS_METRICS_PORT")  # fmt: skip
+        _check_port(settings, "flower", ports.flower, "--flower-port or ARTIFACTFS_FLOWER_PORT")
+        _check_port(settings, "metrics", ports.metrics, "--metrics-port or ARTIFACTFS_METRICS_PORT")
         started: list[Started] = []
         try:
-            for service in services(settings, flower_port=flower_port, concurrency=concurrency, flower_auth=auth):
+            for service in services(settings, ports=ports, concurrency=concurrency, flower_auth=auth):
                 ident = _verified(settings, service.name)
                 if ident is not None:
                     yield f"{service.name}: already running (pid {ident.pid})"
@@ -426,27 +456,36 @@ def up(settings: Settings, *, flower_port: int = 5555, concurrency: int = 2) -> 
                 raise
             raise StackError(f"{exc}; stopped what this up had started ({', '.join(stopped)})") from None
         if configured is not None:
-            yield f"flower: basic auth as user {auth.user!r} from ARTIFACTFS_FLOWER_AUTH"
+            yield f"flower, metrics: basic auth as user {auth.user!r} from ARTIFACTFS_FLOWER_AUTH"
         else:
-            yield f"flower: basic auth as user {auth.user!r}, password in {settings.flower_auth_file}"
+            yield f"flower, metrics: basic auth as user {auth.user!r}, password in {settings.flower_auth_file}"
 
 
 # --- down ---
 
 
-def _stop_service(settings: Settings, name: str) -> str | None:
-    pid_file = _pid_file(settings, name)
-    if not pid_file.exists():
-        return None
-    ident = _verified(settings, name)
-    if ident is None:
-        pid_file.unlink(missing_ok=True)
-        return f"{name}: removed the stale pid file {pid_file} (it named no running {name}); nothing signalled"
-    stopped = _stop(ident, STOP_TIMEOUT_SECONDS)
-    pid_file.unlink(missing_ok=True)
-    if stopped:
-        return f"{name}: stopped (pid {ident.pid})"
-    return f"{name}: killed (pid {ident.pid}) after {STOP_TIMEOUT_SECONDS:g}s"
+def _stop_services(settings: Settings, names: list[str]) -> Iterator[str]:
+    """Stop the services `names` at once (SIGTERM to each, SIGKILL to the groups of those still
+    running after STOP_TIMEOUT_SECONDS); a line for each, in the order of `names`. At once, since
+    none of them waits on another, and a Celery worker's warm shutdown alone takes seconds."""
+    lines: dict[str, str] = {}
+    stopping: dict[str, ProcessId] = {}
+    for name in names:
+        pid_file = _pid_file(settings, name)
+        if not pid_file.exists():
+            continue
+        ident = _verified(settings, name)
+        if ident is None:
+            pid_file.unlink(missing_ok=True)
+            lines[name] = f"{name}: removed the stale pid file {pid_file} (it named no running {name}); nothing signalled"
+            continue
+        stopping[name] = ident
+    stubborn = _stop_all(list(stopping.values()), STOP_TIMEOUT_SECONDS)
+    for name, ident in stopping.items():
+        _pid_file(settings, name).unlink(missing_ok=True)
+        lines[name] = (f"{name}: killed (pid {ident.pid}) after {STOP_TIMEOUT_SECONDS:g}s" if ident in stubborn
+                       else f"{name}: stopped (pid {ident.pid})")  # fmt: skip
+    yield from (lines[name] for name in names if name in lines)
 
 
 def _unmount_registered(settings: Settings, *, keep: bool) -> Iterator[str]:
@@ -521,11 +560,11 @@ def down(settings: Settings, *, keep_mounts: bool = False) -> Iterator[str]:
     settings.ensure_dirs()
     said = False
     with _stack_lock(settings):
-        for name in reversed(SERVICE_NAMES):
-            line = _stop_service(settings, name)
-            if line is not None:
-                said = True
-                yield line
+        # The broker last: the worker acknowledges what it finishes, and mountd may still publish.
+        clients = [name for name in reversed(SERVICE_NAMES) if name != "redis"]
+        for line in itertools.chain(_stop_services(settings, clients), _stop_services(settings, ["redis"])):
+            said = True
+            yield line
         running, stale = _mount_processes(settings) if not keep_mounts else ({}, [])
         for line in itertools.chain(stale, _unmount_registered(settings, keep=keep_mounts), _stop_mount_processes(running)):
             said = True

@@ -54,6 +54,12 @@ class RepoRow(SQLModel, table=True):
     owner_uid: int | None = None
     owner_gid: int | None = None
     blob_filter: str = "blob:none"
+    filter_fallback: bool = False
+    require_commit: str | None = None
+    depth: int | None = None
+    refresh_seconds: float | None = None
+    refreshed_at: datetime | None = None
+    refresh_outcome: str | None = None
     version: int = 0
     registered_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -206,6 +206,13 @@ class Janitor:
                 signal.signal(sig, handler)
 
 
+def runs_option(doc: str, default: int) -> int:
+    """`--runs` of a benchmark that serves its own repository (its only option)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=default, help=f"runs, each in a fresh installation (default {default})")
+    return int(parser.parse_args().runs)
+
+
 def served_runs(label: str, runs: int, make_remote: Callable[[Path], tuple[GitDaemon, dict[str, bytes]]],
                 one_run: Callable[[Path, GitDaemon, dict[str, bytes], Janitor], RunResult],
                 describe: Callable[[dict[str, bytes]], str]) -> list[RunResult]:  # fmt: skip
@@ -498,11 +505,14 @@ class Installation:
         for key in list(env):
             if key.startswith("ARTIFACTFS_"):  # the caller's database, Redis, host, limits...
                 del env[key]
+        flower = free_port()
+        while (metrics := free_port()) == flower:
+            pass  # the kernel may hand out the same free port twice
         env.update(ARTIFACTFS_ROOT=str(base / "afs"), ARTIFACTFS_MOUNT_ROOT=str(base / "mnt"),
                    ARTIFACTFS_LOG_LEVEL="INFO", PYTHONPATH=str(REPO_ROOT),
                    # a queue of its own (artifactfs.<host>): no other worker takes its jobs
                    ARTIFACTFS_HOST=f"{janitor.base.name}-{base.name}",
-                   ARTIFACTFS_FLOWER_PORT=str(free_port()),
+                   ARTIFACTFS_FLOWER_PORT=str(flower), ARTIFACTFS_METRICS_PORT=str(metrics),
                    # what each step fetches on demand is measured, not what a backfill adds
                    ARTIFACTFS_BACKFILL="never")
         return cls(base / "afs", base / "mnt", env, janitor)

@@ -11,7 +11,6 @@ into the mount's git directory. Medians over the runs.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -156,17 +155,15 @@ def seconds(value: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    runs_wanted = harness.runs_option(__doc__, default=3)
 
     def describe(files: dict[str, bytes]) -> str:
         dirs = {str(Path(p).parent) for p in files}
         return (f"{len(files)} files in {len(dirs)} directories, "
                 f"{sum(p.endswith('.gitignore') for p in files)} .gitignore files")  # fmt: skip
 
-    runs = harness.served_runs("git", args.runs, make_remote, one_run, describe)
-    print(f"| step (median of {args.runs}) | plain checkout | mount | ratio | blobs fetched by the mount |")
+    runs = harness.served_runs("git", runs_wanted, make_remote, one_run, describe)
+    print(f"| step (median of {runs_wanted}) | plain checkout | mount | ratio | blobs fetched by the mount |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label in runs[0]:
         plain_s = statistics.median(r[label][0] for r in runs)

@@ -18,7 +18,6 @@ each), two small files in each, served by `git daemon` on 127.0.0.1.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -114,16 +113,14 @@ def one_run(base: Path, daemon: GitDaemon, _tree: dict[str, bytes], janitor: har
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=1)
-    args = parser.parse_args()
+    runs_wanted = harness.runs_option(__doc__, default=1)
 
     def describe(tree: dict[str, bytes]) -> str:
         return f"{len(tree)} files in {len({str(Path(p).parent) for p in tree})} directories"
 
-    runs = harness.served_runs(NAME, args.runs, make_remote, one_run, describe)
+    runs = harness.served_runs(NAME, runs_wanted, make_remote, one_run, describe)
     print(f"read latency, medians of reads {EARLY.start + 1}-{EARLY.stop} and {LATE.start + 1}-{LATE.stop} "
-          f"(each read one transaction), over {args.runs} run(s)")  # fmt: skip
+          f"(each read one transaction), over {runs_wanted} run(s)")  # fmt: skip
     print()
     print("| | after 10 batches | after 2,000 batches | late / early | packs at the end |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -18,7 +18,6 @@ within 2x of (limit + native walk); warm grep -r within 1.5x of native. Medians 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -108,20 +107,18 @@ def one_run(base: Path, daemon: GitDaemon, _tree: dict[str, bytes], janitor: har
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    runs_wanted = harness.runs_option(__doc__, default=3)
 
     def describe(tree: dict[str, bytes]) -> str:
         dirs = {str(Path(p).parent) for p in tree}
         return f"{len(tree)} files in {len(dirs)} directories, {sum(map(len, tree.values())) / 2**20:.0f} MiB"
 
-    runs = harness.served_runs("walks", args.runs, make_remote, one_run, describe)
+    runs = harness.served_runs("walks", runs_wanted, make_remote, one_run, describe)
 
     def med(key: str) -> float:
         return statistics.median(float(r[key]) for r in runs)
 
-    print(f"one fetch of every blob (the limit): {med('limit'):.2f} s (median of {args.runs})")
+    print(f"one fetch of every blob (the limit): {med('limit'):.2f} s (median of {runs_wanted})")
     print()
     print("| cold walk | native | mount | transactions | limit + native | mount / (limit + native) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

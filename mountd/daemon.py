@@ -35,9 +35,12 @@ from typing import Any
 from artifactfs.config import Settings
 from artifactfs.jobs import publish_prepare, task_id
 from artifactfs.locks import repo_lock
+from artifactfs.logs import about
+from artifactfs.metrics import ErrorKind, count_error
 from artifactfs.model import ArtifactError, EventType, MountRefused, PrepareState, RepoState, utcnow
 from artifactfs.mounts import check_mount_path, is_mounted, is_stale, unmount, under
 from artifactfs.prepare import fail_attempt
+from artifactfs.refresh import publish_refresh, slot
 from artifactfs.procs import ProcessId, cmdline, identify, is_running, read_pid_file, write_pid_file
 from artifactfs.registry import Registry
 from artifactfs.remotes import validate_name
@@ -107,6 +110,9 @@ class MountDaemon:
         self._ended_jobs: set[str] = set()
         self._spares: list[subprocess.Popen[bytes]] = []  # mount processes, imports done
         self._orphans_checked = False
+        # Refreshes (add-repo --refresh): repo -> its interval, and the interval slot whose job was sent.
+        self._refresh_every: dict[str, float] = {}
+        self._refresh_slot: dict[str, int] = {}
 
     # --- lifecycle ---
 
@@ -128,6 +134,7 @@ class MountDaemon:
                     self.reconcile()
                     failures = 0
                 except Exception as exc:  # the registry locked or unreachable, a bug: try again
+                    count_error(ErrorKind.RECONCILE)
                     delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
                     failures += 1
                     log.warning("reconcile failed (%s: %s); again in %gs", type(exc).__name__, exc, delay)
@@ -239,6 +246,7 @@ class MountDaemon:
             and not dead
             and not ended
             and not self._restart_due(now)
+            and not self._refresh_due()
             and now - self._last_full < FULL_RECHECK_SECONDS
         ):
             return
@@ -255,6 +263,41 @@ class MountDaemon:
             if now >= self._restart_after.get(name, 0):
                 self._guarded(name, self._keep_mounted, repo, repos)
             self._guarded(name, self._drive_preparation, repo, ended)
+            self._guarded(name, self._drive_refresh, repo)
+        for name in set(self._refresh_every) - set(repos):
+            del self._refresh_every[name]
+            self._refresh_slot.pop(name, None)
+
+    def _refresh_due(self) -> bool:
+        """A repository with --refresh whose next interval has begun."""
+        now = time.time()
+        return any(int(now // every) != self._refresh_slot.get(name) for name, every in self._refresh_every.items())
+
+    def _drive_refresh(self, repo: RepoState) -> None:
+        """Publish a ready repository's refresh job once per interval (add-repo --refresh): in
+        each interval after the one of its last refresh (or of its preparation), so that a
+        restarted mountd catches up at once and a new registration waits one interval."""
+        current = slot(repo, time.time()) if repo.state is PrepareState.READY else None
+        if current is None:
+            self._refresh_every.pop(repo.name, None)
+            self._refresh_slot.pop(repo.name, None)
+            return
+        assert repo.refresh_seconds is not None
+        self._refresh_every[repo.name] = repo.refresh_seconds
+        if self._refresh_slot.get(repo.name) == current:
+            return
+        last = repo.refreshed_at or repo.attempt_started_at
+        if last is not None and (slot(repo, last.timestamp()) or 0) >= current:
+            self._refresh_slot[repo.name] = current  # refreshed (or prepared) in this interval already
+            return
+        try:
+            tid = publish_refresh(self.settings, repo, current)
+        except Exception as exc:  # broker down: the next reconcile tries again
+            count_error(ErrorKind.PUBLISH)
+            log.warning("%s: could not publish the refresh job: %s", repo.name, exc)
+            return
+        self._refresh_slot[repo.name] = current
+        log.info("%s: published refresh job %s", repo.name, tid)
 
     def _restart_due(self, now: float) -> bool:
         """A repository without a mount process whose backoff has run out: remount it now, not at
@@ -263,17 +306,19 @@ class MountDaemon:
 
     def _guarded(self, name: str, step: Any, *args: Any) -> None:
         """Run one repository's step; an error costs that repository a retry with backoff."""
-        try:
-            step(*args)
-        except MountRefused as exc:
-            if self._refused.get(name) != str(exc):
-                log.error("%s: not mounted: %s", name, exc)
-                self._refused[name] = str(exc)
-            self._backoff(name, RESTART_BACKOFF_SECONDS[-1])
-        except Exception as exc:
-            delay = self._backoff(name)
-            log.warning("%s: %s: %s (again in %gs)", name, step.__name__.strip("_"), exc, delay)
-            self._last_full = 0.0
+        with about(repo=name):  # the records of the step, and of its failure
+            try:
+                step(*args)
+            except MountRefused as exc:
+                if self._refused.get(name) != str(exc):
+                    log.error("%s: not mounted: %s", name, exc)
+                    self._refused[name] = str(exc)
+                self._backoff(name, RESTART_BACKOFF_SECONDS[-1])
+            except Exception as exc:
+                count_error(ErrorKind.RECONCILE)
+                delay = self._backoff(name)
+                log.warning("%s: %s: %s (again in %gs)", name, step.__name__.strip("_"), exc, delay)
+                self._last_full = 0.0
 
     def _check_child(self, name: str, repo: RepoState | None, now: float) -> None:
         child = self.children[name]
@@ -284,6 +329,7 @@ class MountDaemon:
         elif not child.alive():
             code = child.proc.returncode if child.proc is not None else "unknown"
             log.warning("%s: mount process %d exited (%s)", name, child.ident.pid, code)
+            count_error(ErrorKind.MOUNT_PROCESS)
             self._discard(name)
             self._backoff(name)
         elif now - child.started > STABLE_SECONDS:
@@ -324,6 +370,7 @@ class MountDaemon:
         try:
             publish_prepare(self.settings, repo)
         except Exception as exc:  # broker down: the next reconcile tries again
+            count_error(ErrorKind.PUBLISH)
             log.warning("%s: could not publish the prepare job: %s", repo.name, exc)
             self._last_full = 0.0
             return

@@ -33,6 +33,9 @@ from artifactfs.fs.hydrator import FetchStats, Hydrator
 from artifactfs.fs.operations import TreeFS
 from artifactfs.fs.overlay import Overlay
 from artifactfs.gitstore import git_env
+from artifactfs.logs import configure as configure_logging
+from artifactfs.logs import set_context as set_log_context
+from artifactfs.metrics import MULTIPROC_ENV, enable, open_files
 from artifactfs.model import BackfillPolicy, BackfillState, Owner
 from artifactfs.mounts import check_mount_path
 from artifactfs.owners import become, owner_of
@@ -357,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = load_settings()
     name = validate_name(str(order.get("name")))
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s mount[{name}] %(levelname)s %(message)s")
+    configure_logging(args.log_level.upper(), settings.host, text_prefix=f"mount[{name}]")
+    set_log_context(repo=name)  # every record of this process is about this repository
     mount_path = check_mount_path(settings, name, str(order.get("mount_path")))
     settings.repo_state_dir(name).mkdir(parents=True, exist_ok=True)
     proc = MountProcess(settings, name, mount_path, checked_owner(order.get("owner")))
@@ -371,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         listener = control.listen(socket_path)
         me = write_pid_file(pid_file, os.getpid())
+        if os.environ.get(MULTIPROC_ENV):  # mountd counts: so does each of its mounts
+            enable(settings)
+            open_files()  # while still root: an owner could not create them there
         proc.become_owner()
         print("mounted", flush=True)
         _detach_from_mountd()

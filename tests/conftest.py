@@ -27,6 +27,7 @@ from .gitremote import GitDaemon, SampleRepo, make_sample_repo
 from .postgres import PostgresServer, free_port
 
 PYTHON = sys.executable
+PROGRESS_LINE = re.compile(r"^[A-Za-z0-9._-]+: (validate|clone|fetch|update_branch|index|publish)(: .* \d+%)?$")
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -113,10 +114,11 @@ class Artifactfs:
         return proc
 
     def fail(self, *args: str) -> str:
-        """Run a command that must fail with one clear line on stderr; return that line."""
+        """Run a command that must fail with one clear line on stderr; return that line. (A blocking
+        add or prepare says its phases first, off a terminal: `<name>: <phase>` lines.)"""
         proc = self.run(*args, check=False)
         assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
+        lines = [line for line in proc.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
         assert len(lines) == 1, proc.stderr
         assert lines[0].startswith("artifactfs: error: "), lines[0]
         assert "Traceback" not in proc.stderr
@@ -217,30 +219,52 @@ class Artifactfs:
         generated in <root>/flower-auth."""
         return self.env.get("ARTIFACTFS_FLOWER_AUTH") or (self.root / "flower-auth").read_text().strip()
 
-    def flower(self, path: str, *, method: str = "GET", body: object = None, auth: bool = True,
-               credential: str | None = None) -> tuple[int, object]:  # fmt: skip
-        """One request to Flower (authenticated unless `auth` is false): (status, decoded body)."""
+    def web(self, url: str, *, method: str = "GET", data: bytes | None = None, content_type: str | None = None,
+            credential: str | None = None) -> tuple[int, bytes]:  # fmt: skip
+        """One request to a web service of the stack, with basic auth as `credential` (by default
+        Flower's, which the metrics endpoint shares; "" sends none): (status, body)."""
         import base64
-        import json
         import urllib.error
         import urllib.request
 
-        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-        request = urllib.request.Request(f"http://127.0.0.1:{self.flower_port}{path}", data=data, method=method)
-        if body is not None:
-            request.add_header("Content-Type", "application/json")
-        if auth:
+        request = urllib.request.Request(url, data=data, method=method)
+        if content_type is not None:
+            request.add_header("Content-Type", content_type)
+        if credential != "":
             token = base64.b64encode((credential or self.flower_credential()).encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
-                status, raw = resp.status, resp.read()
+                return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
+            return exc.code, exc.read()
+
+    def flower(self, path: str, *, method: str = "GET", body: object = None, auth: bool = True,
+               credential: str | None = None) -> tuple[int, object]:  # fmt: skip
+        """One request to Flower (authenticated unless `auth` is false): (status, decoded body)."""
+        import json
+
+        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        status, raw = self.web(f"http://127.0.0.1:{self.flower_port}{path}", method=method, data=data,
+                               content_type="application/json" if body is not None else None,
+                               credential=credential if auth else "")  # fmt: skip
         try:
             return status, json.loads(raw)
         except ValueError:
             return status, raw.decode(errors="replace")
+
+    def metrics(self, *, credential: str | None = None) -> tuple[int, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+        """Scrape the metrics endpoint `up` serves: (status, {(series, labels): value})."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, raw = self.web(f"http://127.0.0.1:{self.env['ARTIFACTFS_METRICS_PORT']}/metrics", credential=credential)
+        if status != 200:
+            return status, {}
+        series = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(raw.decode()) for sample in family.samples
+        }  # fmt: skip
+        return status, series
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Signal one service of the stack and wait until its process is gone."""
@@ -320,12 +344,16 @@ def new_installation(base: Path) -> Artifactfs:
     root = base / "afs"
     mount_root = base / "mnt"
     env = dict(os.environ)
+    flower_port = free_port()
+    while (metrics_port := free_port()) == flower_port:
+        pass  # the kernel may hand out the same free port twice
     env.update(
         ARTIFACTFS_ROOT=str(root),
         ARTIFACTFS_MOUNT_ROOT=str(mount_root),
         ARTIFACTFS_LOG_LEVEL="INFO",
         PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-        ARTIFACTFS_FLOWER_PORT=str(free_port()),
+        ARTIFACTFS_FLOWER_PORT=str(flower_port),
+        ARTIFACTFS_METRICS_PORT=str(metrics_port),
         # A queue of its own: no test takes another's jobs (a host name allows [A-Za-z0-9._-]).
         ARTIFACTFS_HOST=re.sub(r"[^A-Za-z0-9._-]", "-", f"test-{base.name}")[:63],
         # Tests count what reads fetch: a backfill would add to it at its own pace. The tests of

@@ -47,6 +47,7 @@ __all__ = [
     "make_many_files_repo",
     "make_deep_tree_repo",
     "make_large_file_repo",
+    "make_history_repo",
     "add_commit",
     "file_url",
     "git",
@@ -450,6 +451,36 @@ def make_large_file_repo(dest_dir: Path, name: str, size: int, block: bytes) -> 
     sha = fi.run(bare)[mark]
     return SampleRepo(bare=bare, head=sha, files=content, executables=set(), symlinks={},
                       gitlinks={}, branches={"main": sha}, history=[sha])
+
+
+def make_history_repo(dest_dir: Path, name: str = "history", commits: int = 120,
+                      hot: str = "src/hot.py") -> SampleRepo:
+    """Create ``dest_dir/<name>.git`` whose file ``hot`` changes in every one of ``commits``
+    commits (a line added, one rewritten: what blame and log -p have to read), and whose
+    ``docs/note-<n>.txt`` changes in every tenth, beside a few files that never change."""
+    bare = Path(dest_dir) / f"{name}.git"
+    _init_bare(bare)
+    content: dict[str, bytes] = {"README.md": f"# {name}\n".encode(), "src/still.py": b"STILL = True\n",
+                                 ".gitignore": b"*.pyc\n"}
+    lines = [f"line {i}: the first version\n" for i in range(20)]
+    fi = _FastImport()
+    parent: str | None = None
+    marks = []
+    for n in range(commits):
+        lines.append(f"line {len(lines)}: added by commit {n}\n")
+        lines[(7 * n) % len(lines)] = f"line {(7 * n) % len(lines)}: rewritten by commit {n}\n"
+        changes = {hot: "".join(lines).encode()}
+        if n % 10 == 0:
+            changes[f"docs/note-{n // 10}.txt"] = f"note written by commit {n}\n".encode()
+        if n == 0:
+            changes.update(content)
+        content.update(changes)
+        parent = fi.commit("refs/heads/main", f"Change {n}\n", BASE_TIME + n * TIME_STEP, parent, _changes(changes))
+        marks.append(parent)
+    shas = fi.run(bare)
+    history = [shas[m] for m in marks]
+    return SampleRepo(bare=bare, head=history[-1], files=content, executables=set(), symlinks={},
+                      gitlinks={}, branches={"main": history[-1]}, history=history)
 
 
 def add_commit(sample: SampleRepo, files: dict[str, bytes | None], message: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -16,15 +17,22 @@ import pytest
 
 from artifactfs.mounts import fuse_mounts
 
-from .conftest import Artifactfs, process_gone, wait_until, waits_on_fuse
+from .conftest import PYTHON, Artifactfs, process_gone, wait_until, waits_on_fuse
 from .gitremote import GitDaemon, SampleRepo, add_commit, git, make_sample_repo
+
+
+# Tests of what the registry does (appends, follows, projections, dedupe keys) run on both; those
+# of gates, jobs and processes, whose registry code is the same, on SQLite alone (the suite's time).
+SQLITE_ONLY = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def stack(afs: Artifactfs, request: pytest.FixtureRequest) -> Iterator[Artifactfs]:
-    """The stack of one host, its registry on a SQLite file or on PostgreSQL (as a fleet's)."""
+    """The stack of one host, its registry on a SQLite file or on PostgreSQL (as a fleet's), which
+    logs in JSON (as a fleet's, read by machines)."""
     if request.param == "postgresql":
         afs.env["ARTIFACTFS_DATABASE_URL"] = request.getfixturevalue("postgres").new_database()
+        afs.env["ARTIFACTFS_LOG_FORMAT"] = "json"
     afs.up()
     yield afs
 
@@ -115,6 +123,10 @@ def test_async_add_returns_at_once_and_operations_wait_for_the_clone(
     for name, op in waiting.items():
         op.wait_held(name)  # each reached the mount and is held there...
     assert afs.status("slow")["state"] == "preparing"  # ...while the clone still runs
+    before = scrape(afs)
+    assert value(before, "artifactfs_repositories", state="preparing") == 1
+    assert value(before, "artifactfs_repositories", state="ready") == 0
+    assert value(before, "artifactfs_mount_processes") == 1
     daemon.release()
     afs.wait_state("slow", "mounted")
     top = {p.split("/")[0] for p in [*sample.files, *sample.symlinks, *sample.gitlinks]}
@@ -128,6 +140,60 @@ def test_async_add_returns_at_once_and_operations_wait_for_the_clone(
     assert (mnt / "new-file").read_bytes() == b""
     types = event_types(afs, "slow")
     assert types == ["registered", "phase", "phase", "phase", "phase", "ready"]
+
+    # The metrics moved: the preparation's phases and outcome, the waits at the gate, the reads'
+    # fetch transactions and what they brought. The job counts its time once READY is appended.
+    wait_until(lambda: value(scrape(afs), "artifactfs_prepare_seconds_count", outcome="ready") == 1,
+               what="the prepare job's time to be counted")  # fmt: skip
+    after = scrape(afs)
+    assert value(after, "artifactfs_repositories", state="ready") == 1
+    assert value(after, "artifactfs_repositories", state="preparing") == 0
+    for phase in ("validate", "clone", "index", "publish"):
+        assert value(after, "artifactfs_prepare_phase_seconds_count", phase=phase, outcome="ok") == 1, phase
+    # The kernel holds some of the callers itself, behind a request of the same directory.
+    assert value(after, "artifactfs_gate_wait_seconds_count", outcome="opened") >= 1
+    assert value(after, "artifactfs_gate_wait_seconds_count") == value(after, "artifactfs_gate_wait_seconds_count", outcome="opened")
+    moved = {name: value(after, name, lane="urgent") - value(before, name, lane="urgent")
+             for name in ("artifactfs_fetch_transactions_total", "artifactfs_hydrated_objects_total",
+                          "artifactfs_hydrated_bytes_total", "artifactfs_fetch_seconds_count")}  # fmt: skip
+    assert moved["artifactfs_fetch_transactions_total"] >= 1 and moved["artifactfs_fetch_seconds_count"] >= 1, moved
+    assert moved["artifactfs_hydrated_objects_total"] >= 1, moved  # src/app.py, at least
+    assert moved["artifactfs_hydrated_bytes_total"] >= len(sample.files["src/app.py"]), moved
+    assert value(after, "artifactfs_errors_total") == 0
+    assert value(after, "artifactfs_registry_up") == 1
+    if afs.env.get("ARTIFACTFS_LOG_FORMAT") == "json":
+        check_json_logs(afs, "slow")
+
+
+def check_json_logs(afs: Artifactfs, name: str) -> None:
+    """Every record of every artifactfs service is one JSON object naming what it is about."""
+    found: dict[str, list[dict[str, object]]] = {}
+    for service in ("worker", "mountd", "metrics"):
+        lines = (afs.root / "log" / f"{service}.log").read_text().splitlines()
+        # Celery prints its banner itself, not through logging: those lines are not records.
+        found[service] = [json.loads(line) for line in lines if line.startswith("{")]
+        assert found[service], service
+        for line in lines:
+            assert not re.match(r"\d{4}-\d\d-\d\d \S+ \S*(artifactfs|mount\[)", line), (service, line)
+        for record in found[service]:
+            assert set(record) >= {"time", "level", "host", "repo", "job", "phase", "message"}, record
+            assert record["host"] == afs.env["ARTIFACTFS_HOST"], record
+    job = afs.task_id(name, 1)
+    assert any(r["repo"] == name and r["job"] == job and r["phase"] for r in found["worker"]), found["worker"]
+    assert any(r["repo"] == name and str(r["logger"]).startswith("artifactfs.fs") for r in found["mountd"]), found["mountd"]
+    assert any(r["repo"] == name and r["logger"] == "artifactfs.mountd" for r in found["mountd"]), found["mountd"]
+
+
+def scrape(afs: Artifactfs) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, series = afs.metrics()
+    assert status == 200
+    return series
+
+
+def value(series: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in series.items() if n == name and wanted <= have)
 
 
 def test_phases_show_in_status_and_events_while_preparing(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
@@ -156,17 +222,32 @@ def test_failed_preparation_gives_eio_until_prepare_recovers(stack: Artifactfs, 
             attempt()
         assert info.value.errno == errno.EIO
     assert not (afs.root / "git" / "later.git").exists()
+    # prepare --wait follows the worker's attempt to its end: a failure is exit 1 and one line.
+    failed = afs.run("prepare", "--name", "later", "--wait", "--quiet", check=False)
+    assert failed.returncode == 1 and failed.stdout == "", failed
+    assert failed.stderr.startswith("artifactfs: error: preparing later failed: ") and "later.git" in failed.stderr
 
+    # status --watch shows each change as it happens, one JSON object per line, until Ctrl-C.
+    watch = subprocess.Popen([PYTHON, "-m", "artifactfs.cli", "status", "--watch", "--json", "--name", "later"],
+                             env=afs.env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert watch.stdout is not None
+    assert json.loads(watch.stdout.readline())["state"] == "failed"  # where it stands, at once
     git("clone", "--bare", "-q", sample.bare, remote)  # repair the remote
     git("--git-dir", remote, "config", "uploadpack.allowFilter", "true")
-    out = afs.run("prepare", "--name", "later").stdout
-    assert out.strip() == "queued later (attempt 2)"
-    afs.wait_state("later", "mounted")
+    done = afs.run("prepare", "--name", "later", "--wait", "--json")
+    assert json.loads(done.stdout)["state"] == "mounted" and json.loads(done.stdout)["attempt"] == 3
+    assert [line for line in done.stderr.splitlines() if line in ("later: clone", "later: publish")] == ["later: clone", "later: publish"], done.stderr
+    seen = [json.loads(watch.stdout.readline())["state"]]
+    while seen[-1] != "mounted":
+        seen.append(json.loads(watch.stdout.readline())["state"])
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(timeout=20) == 0
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
     types = event_types(afs, "later")
-    assert types.count("failed") == 1 and types.count("prepare_requested") == 1 and types[-1] == "ready"
+    assert types.count("failed") == 2 and types.count("prepare_requested") == 2 and types[-1] == "ready"
 
 
+@SQLITE_ONLY
 def test_prepare_resets_the_gate_while_a_new_attempt_runs(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
     afs = stack
     daemon, sample = slow
@@ -201,6 +282,7 @@ def test_inline_credentials_are_refused_for_async(afs: Artifactfs) -> None:
     assert afs.run("events", "--name", "secret", check=False).returncode == 1
 
 
+@SQLITE_ONLY
 def test_interrupting_a_blocked_ls_returns_at_once(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
     afs = stack
     daemon, _ = slow
@@ -232,6 +314,7 @@ def process_running_git_clone_for(pids: list[int]) -> int:
     raise AssertionError("no worker process is running git clone")
 
 
+@SQLITE_ONLY
 def test_worker_killed_mid_clone_leaves_nothing_half_made_and_the_job_completes(
     stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]
 ) -> None:
@@ -285,6 +368,7 @@ def test_readiness_published_while_redis_is_down_still_opens_the_gate(
     assert event_types(afs, "outage").count("ready") == 1
 
 
+@SQLITE_ONLY
 def test_mountd_restarted_mid_prepare(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
     afs = stack
     daemon, sample = slow
@@ -303,6 +387,7 @@ def test_mountd_restarted_mid_prepare(stack: Artifactfs, slow: tuple[GitDaemon, 
     assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
 
 
+@SQLITE_ONLY
 def test_failed_stays_failed_across_mountd_restart(stack: Artifactfs, tmp_path: Path) -> None:
     afs = stack
     add_async(afs, "broken", f"file://{tmp_path / 'missing.git'}")
@@ -317,6 +402,7 @@ def test_failed_stays_failed_across_mountd_restart(stack: Artifactfs, tmp_path: 
     assert afs.status("broken")["state"] == "failed"
 
 
+@SQLITE_ONLY
 def test_prepared_gitdir_is_fetched_into_and_never_deleted(stack: Artifactfs, sample: SampleRepo, tmp_path: Path) -> None:
     afs = stack
     prepared = tmp_path / "prepared.git"  # made by someone else, e.g. an image build
@@ -352,6 +438,7 @@ def test_a_duplicated_job_appends_nothing_twice(stack: Artifactfs, slow: tuple[G
     assert types == ["registered", "phase", "phase", "phase", "phase", "ready"]
 
 
+@SQLITE_ONLY
 def test_flower_shows_every_prepare_job(stack: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:
     afs = stack
     daemon, _ = slow
@@ -377,6 +464,7 @@ def test_flower_shows_every_prepare_job(stack: Artifactfs, slow: tuple[GitDaemon
     assert "git://" not in json.dumps(task)  # no URL (let alone a credential) in a job
 
 
+@SQLITE_ONLY
 def test_flower_shows_a_failed_preparation_as_a_failed_job(stack: Artifactfs, tmp_path: Path) -> None:
     afs = stack
     missing = f"file://{tmp_path / 'gone.git'}"
@@ -412,10 +500,19 @@ def test_transient_failures_are_retried_with_backoff(afs: Artifactfs, slow: tupl
     daemon.set_broken(True)  # packs fail mid-transfer: "the remote end hung up unexpectedly"
     add_async(afs, "flaky", daemon.url("slow.git"))
     wait_until(lambda: "transient failure, will retry" in afs.log("worker"), 30, interval=0.1, what="a retry")
+    # Flower shows the job as RETRY while it waits for its next run (the remote is still broken).
+    task = afs.task_id("flaky", 1)
+
+    def flower_state() -> object:
+        status, info = afs.flower(f"/api/task/info/{task}")
+        return info.get("state") if status == 200 and isinstance(info, dict) else None
+
+    wait_until(lambda: flower_state() == "RETRY", 30, interval=0.2, what="Flower to show the job as RETRY")
     daemon.set_broken(False)
     afs.wait_state("flaky", "mounted", timeout=60)
     assert (afs.mount_path("flaky") / "README.md").read_bytes() == sample.files["README.md"]
     assert "failed" not in event_types(afs, "flaky")
+    wait_until(lambda: flower_state() == "SUCCESS", 30, interval=0.2, what="Flower to show the job's success")
 
 
 def test_transient_failures_give_up_after_the_retries(afs: Artifactfs, slow: tuple[GitDaemon, SampleRepo]) -> None:

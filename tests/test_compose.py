@@ -32,8 +32,8 @@ REQUIRED = {"ARTIFACTFS_PG_PASSWORD": PG_PASSWORD, "ARTIFACTFS_FLOWER_AUTH": FLO
             "ARTIFACTFS_REDIS_PASSWORD": REDIS_PASSWORD}
 
 STATE_ROOT = "/var/lib/artifactfs"
-IMAGE_SERVICES = ("migrate", "worker", "mountd", "flower")  # built from the Dockerfile
-LONG_RUNNING = ("redis", "postgres", "worker", "mountd", "flower")
+IMAGE_SERVICES = ("migrate", "worker", "mountd", "flower", "metrics")  # built from the Dockerfile
+LONG_RUNNING = ("redis", "postgres", "worker", "mountd", "flower", "metrics")
 
 
 def compose_tool() -> str:
@@ -140,7 +140,7 @@ def test_refused_without_a_required_secret(variable: str) -> None:
 
 
 def test_the_stack_has_its_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"redis", "postgres", "migrate", "worker", "mountd", "flower"}
+    assert set(services) == {"redis", "postgres", "migrate", "worker", "mountd", "flower", "metrics"}
 
 
 # --- each service keeps its promise ---
@@ -178,7 +178,7 @@ def test_artifactfs_services_share_the_environment(services: dict[str, dict[str,
         "ARTIFACTFS_HOST": "compose",
         "ARTIFACTFS_ROOT": STATE_ROOT,
     }
-    for name in ("migrate", "worker", "mountd"):
+    for name in ("migrate", "worker", "mountd", "metrics"):
         env = services[name]["environment"]
         assert {key: env.get(key) for key in expected} == expected, name
         assert any(m["target"] == STATE_ROOT and m["source"] == "state" for m in mounts(services[name])), name
@@ -186,14 +186,14 @@ def test_artifactfs_services_share_the_environment(services: dict[str, dict[str,
 
 def test_the_host_name_is_configurable() -> None:
     services = rendered(ARTIFACTFS_HOST="builder-7")["services"]
-    for name in ("migrate", "worker", "mountd", "flower"):
+    for name in ("migrate", "worker", "mountd", "flower", "metrics"):
         assert services[name]["environment"]["ARTIFACTFS_HOST"] == "builder-7", name
 
 
 def test_worker_and_mountd_wait_for_a_migrated_registry(services: dict[str, dict[str, Any]]) -> None:
     assert words(services["migrate"]["command"])[-1] == "migrate"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("worker", "mountd"):
+    for name in ("worker", "mountd", "metrics"):
         depends = services[name]["depends_on"]
         assert depends["redis"]["condition"] == "service_healthy", name
         assert depends["postgres"]["condition"] == "service_healthy", name
@@ -223,20 +223,31 @@ def test_mountd_can_mount_and_share_its_mounts(services: dict[str, dict[str, Any
     assert "running_pid" in " ".join(health_test(mountd))
 
 
-def test_flower_asks_for_a_password_and_stays_on_loopback(services: dict[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize(("name", "variable", "path"), [
+    ("flower", "FLOWER_BASIC_AUTH", "/"),
+    ("metrics", "ARTIFACTFS_METRICS_BASIC_AUTH", "/metrics"),
+])  # fmt: skip
+def test_web_services_ask_for_a_password_and_stay_on_loopback(services: dict[str, dict[str, Any]], name: str,
+                                                              variable: str, path: str) -> None:  # fmt: skip
+    service = services[name]
+    env = service["environment"]
+    assert env[variable] == FLOWER_AUTH
+    assert service["ports"], f"{name} is published on the host"
+    (port,) = service["ports"]
+    host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
+    target = port["target"] if isinstance(port, dict) else str(port).rsplit(":", 1)[1].split("/")[0]
+    assert host_ip == "127.0.0.1", port
+    # Healthy only when it answers with the credential and refuses without (artifactfs/health.py).
+    assert health_test(service) == ["CMD", "python", "-m", "artifactfs.health", f"http://127.0.0.1:{target}{path}", variable]
+
+
+def test_flower_runs_flower_on_the_broker_alone(services: dict[str, dict[str, Any]]) -> None:
     flower = services["flower"]
     argv = words(flower.get("entrypoint")) + words(flower["command"])
     assert argv[:3] == ["celery", "-A", "workers.app"] and "flower" in argv
-    env = flower["environment"]
-    assert env["FLOWER_BASIC_AUTH"] == FLOWER_AUTH
-    assert env.get("FLOWER_UNAUTHENTICATED_API", "false") == "false"
-    assert flower["ports"], "Flower is published on the host"
-    for port in flower["ports"]:
-        host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
-        assert host_ip == "127.0.0.1", port
-    assert "ARTIFACTFS_DATABASE_URL" not in env, "Flower needs the broker alone"
-    test = health_test(flower)
-    assert "FLOWER_BASIC_AUTH" in " ".join(test)
+    assert flower["environment"].get("FLOWER_UNAUTHENTICATED_API", "false") == "false"
+    assert "ARTIFACTFS_DATABASE_URL" not in flower["environment"], "Flower needs the broker alone"
+    assert words(services["metrics"]["command"])[-3:] == ["serve-metrics", "--address=0.0.0.0", "--port=9464"]
 
 
 def test_every_long_running_service_is_checked_and_restarted(services: dict[str, dict[str, Any]]) -> None:
@@ -277,8 +288,7 @@ def health_script(services: dict[str, dict[str, Any]], name: str) -> str:
 
 
 def test_health_scripts_compile(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("mountd", "flower"):
-        compile(health_script(services, name), f"<{name} health check>", "exec")
+    compile(health_script(services, "mountd"), "<mountd health check>", "exec")
 
 
 @pytest.fixture

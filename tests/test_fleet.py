@@ -5,6 +5,7 @@ holds back only its own repositories."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from artifactfs.mounts import fuse_mounts
+from artifactfs.progress import channel as progress_channel
 
-from .conftest import Artifactfs, new_installation, wait_until
+from .conftest import PYTHON, Artifactfs, new_installation, wait_until
 from .gitremote import SampleRepo
 from .postgres import PostgresServer
 from .redisserver import RedisServer
@@ -24,6 +26,16 @@ class Fleet:
     a: Artifactfs
     b: Artifactfs
     redis: RedisServer
+
+    def subscribers(self, channel: str) -> int:
+        """Clients subscribed to `channel` on the shared broker."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+        finally:
+            client.close()
 
     def queued(self, host: Artifactfs) -> int:
         """Jobs waiting in `host`'s queue on the shared broker."""
@@ -119,7 +131,20 @@ def test_a_host_whose_worker_is_down_holds_back_only_its_own(fleet: Fleet, sampl
     assert a.status("waiting")["state"] == "preparing"
     wait_until(lambda: fleet.queued(a) >= 1, 30, what="A's job to wait in A's queue")
     assert a.mount_path("waiting") in [Path(p) for p in fuse_mounts()]
-    a.up()  # A's worker again: it takes the job that waited
+    # A blocking add for A, made on B, follows A's worker: the phases from the log, git's
+    # percentages from the job's progress channel (which it joins before A's worker is back).
+    blocking = subprocess.Popen(
+        [PYTHON, "-m", "artifactfs.cli", "add-repo", "--name", "delta", "--remote", sample.url, "--host", "host-a",
+         "--mount-root", str(a.mount_root)], env=b.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_until(lambda: fleet.subscribers(progress_channel("host-a", "delta")) == 1, 30, what="the add to follow the job")
+    a.up()  # A's worker again: it takes the jobs that waited
+    out, err = blocking.communicate(timeout=120)
+    assert blocking.returncode == 0 and out.strip() == "added delta on host-a", (out, err)
+    lines = err.splitlines()
+    assert "delta: clone" in lines and "delta: publish" in lines, err
+    assert "delta: clone: Receiving objects 100%" in lines, err  # published by A's worker
     a.wait_state("waiting", "mounted", timeout=120)
     assert (a.mount_path("waiting") / "README.md").read_bytes() == sample.files["README.md"]
+    assert (a.wait_mounted("delta") / "README.md").read_bytes() == sample.files["README.md"]
     assert b.status("going")["state"] == "mounted"

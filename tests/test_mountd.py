@@ -54,7 +54,9 @@ def test_a_hung_mount_process_is_replaced_at_adoption(afs: Artifactfs, sample: S
 def test_a_stale_mount_is_shown_as_stale_with_how_to_recover(afs: Artifactfs, sample: SampleRepo) -> None:
     afs.add("stale", sample.url)
     daemon = afs.start_daemon()
-    afs.wait_mounted("stale")
+    mnt = afs.wait_mounted("stale")
+    assert (mnt / "README.md").read_bytes() == sample.files["README.md"]
+    os.stat(mnt)  # the root's attributes are now in the kernel's cache, for minutes
     afs.stop_daemon(daemon, sig=signal.SIGKILL)
     os.kill(afs.wait_mount_process("stale"), signal.SIGKILL)
     wait_until(lambda: afs.status("stale")["state"] == "stale", what="status to see the stale mount")
@@ -190,6 +192,7 @@ def test_mount_processes_answer_only_their_own_user(afs: Artifactfs, sample: Sam
     afs.add("owner", sample.url)
     afs.start_daemon()
     afs.wait_mounted("owner")
+    afs.wait_mount_process("owner")  # the mount appears before its control socket; the pid file after
     sock = afs.root / "run" / "mounts" / "owner.sock"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
     assert oct((afs.root / "run").stat().st_mode & 0o777) == "0o700"

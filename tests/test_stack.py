@@ -22,7 +22,7 @@ from mountd.control import ControlClient
 from .conftest import PYTHON, Artifactfs, environ_root, free_port, new_installation, wait_until
 from .gitremote import SampleRepo
 
-SERVICES = ("redis", "worker", "mountd", "flower")
+SERVICES = ("redis", "worker", "mountd", "flower", "metrics")
 
 
 def stack_processes(afs: Artifactfs) -> dict[str, list[int]]:
@@ -46,6 +46,8 @@ def stack_processes(afs: Artifactfs) -> dict[str, list[int]]:
             found["mountd"].append(pid)
         elif "celery" in args and "flower" in args:
             found["flower"].append(pid)
+        elif "artifactfs.cli" in args and "serve-metrics" in args:
+            found["metrics"].append(pid)
     return found
 
 
@@ -107,6 +109,17 @@ def test_flower_asks_for_a_password_kept_out_of_sight(shared: tuple[Artifactfs, 
     assert afs.flower("/api/task/revoke/x", method="POST", auth=False)[0] == 401
     assert afs.flower("/api/task/async-apply/artifactfs.prepare", method="POST", body={"kwargs": {}}, auth=False)[0] == 401
     assert afs.flower("/api/workers", credential=f"{user}:wrong")[0] == 401
+    # The metrics endpoint asks for the same credential.
+    assert afs.metrics(credential="")[0] == 401
+    assert afs.metrics(credential=f"{user}:wrong")[0] == 401
+    status, series = afs.metrics()
+    assert status == 200 and any(name.startswith("artifactfs_") for name, _ in series), series
+    # compose.yaml's health check of both (artifactfs/health.py): healthy only behind the password.
+    for url in (f"http://127.0.0.1:{afs.flower_port}/", f"http://127.0.0.1:{afs.env['ARTIFACTFS_METRICS_PORT']}/metrics"):
+        for credential, healthy in ((f"{user}:{password}", 0), (f"{user}:wrong", 1)):
+            check = subprocess.run([PYTHON, "-m", "artifactfs.health", url, "CHECKED_AUTH"], timeout=60,
+                                   env={**afs.env, "CHECKED_AUTH": credential})  # fmt: skip
+            assert check.returncode == healthy, (url, credential)
 
     assert afs.flower("/")[0] == 200
     # The worker was not shut down: it still runs and answers Flower's inspection.
@@ -153,7 +166,8 @@ def test_what_holds_state_is_root_only(shared: tuple[Artifactfs, str]) -> None:
             seen.add(path.relative_to(afs.root).as_posix())
     assert stat.S_IMODE(afs.root.stat().st_mode) == 0o711  # traversable (mounts), not listable
     expected = {"flower-auth", "registry.db", "run/redis.pid", "run/worker.pid", "run/mountd.pid",
-                "run/flower.pid", "run/appendonlydir", "log/redis.log", "log/worker.log", "log/flower.log"}  # fmt: skip
+                "run/flower.pid", "run/metrics.pid", "run/metrics", "run/appendonlydir", "log/redis.log",
+                "log/worker.log", "log/flower.log", "log/metrics.log"}  # fmt: skip
     assert expected <= seen, expected - seen
 
 
@@ -265,12 +279,14 @@ def test_stale_pid_files_are_removed_never_signalled(afs: Artifactfs) -> None:
 # --- a failed `up` ---
 
 
-def test_a_taken_flower_port_fails_before_anything_starts(afs: Artifactfs) -> None:
+@pytest.mark.parametrize("service", ["flower", "metrics"])
+def test_a_taken_port_fails_before_anything_starts(afs: Artifactfs, service: str) -> None:
+    port = int(afs.env[f"ARTIFACTFS_{service.upper()}_PORT"])
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", afs.flower_port))
+        taken.bind(("127.0.0.1", port))
         taken.listen()
-        line = afs.fail("up", "--flower-port", str(afs.flower_port))
-    assert f"port {afs.flower_port} on 127.0.0.1 is taken" in line and "--flower-port" in line
+        line = afs.fail("up")
+    assert f"port {port} on 127.0.0.1 is taken (another {service}?)" in line and f"--{service}-port" in line
     assert not (afs.root / "log" / "redis.log").exists()  # nothing was started, not even for a while
     assert stack_processes_main(afs) == {name: 0 for name in SERVICES}
     assert pid_files(afs) == []
@@ -296,7 +312,7 @@ def test_a_service_dying_at_start_stops_only_what_this_up_started(afs: Artifactf
         line = afs.fail("up", "--flower-port", str(port))
     assert "flower exited at start" in line and "stopped what" not in line, line
     counts = stack_processes_main(afs)
-    assert counts == {"redis": 1, "worker": 1, "mountd": 1, "flower": 0}, counts
+    assert counts == {"redis": 1, "worker": 1, "mountd": 1, "flower": 0, "metrics": 1}, counts
     assert {name: afs.service_pid(name) for name in before} == before
     assert "flower.pid" not in pid_files(afs)
 

@@ -10,6 +10,7 @@ artifactfs/jobs.py.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from artifactfs.config import Settings, load_settings
 
@@ -53,3 +54,12 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(load_settings())
+
+
+@worker_process_init.connect
+def _take_metrics_files(**_: object) -> None:
+    """Each pool process writes metrics files of its own: take them as it starts, not at its first
+    count, which may come when the disk is full (metrics.allocate_files)."""
+    from artifactfs.metrics import open_files
+
+    open_files()

@@ -15,7 +15,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from artifactfs.config import Settings, load_settings
 from artifactfs.jobs import PREPARE_TASK, PrepareOutcome, run_prepare_job
-from artifactfs.model import InvalidInput, PrepareFailed, RegistryBusy
+from artifactfs.model import InvalidInput, PrepareFailed, RefreshOutcome, RegistryBusy
+from artifactfs.refresh import REFRESH_TASK, run_refresh_job
 from artifactfs.remotes import redact, validate_name
 
 from .app import app
@@ -23,16 +24,17 @@ from .app import app
 log = logging.getLogger("artifactfs.worker")
 
 
-def check_job_arguments(settings: Settings, repo: object, attempt: object, version: object, host: object) -> str:
-    """The arguments of a prepare job, refused unless each is what mountd would send."""
+def check_job_arguments(settings: Settings, kind: str, repo: object, host: object, minimum: int = 1, **numbers: object) -> str:
+    """The arguments of a job, refused unless each is what mountd would send: a repository name,
+    this host, and whole numbers of at least `minimum`."""
     if not isinstance(repo, str):
-        raise InvalidInput(f"refused prepare job: repo must be a name, not {type(repo).__name__}")
+        raise InvalidInput(f"refused {kind} job: repo must be a name, not {type(repo).__name__}")
     validate_name(repo)
-    for label, value in (("attempt", attempt), ("version", version)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidInput(f"refused prepare job for {repo!r}: {label} must be a positive integer, not {value!r}")
+    for label, value in numbers.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise InvalidInput(f"refused {kind} job for {repo!r}: {label} must be an integer of at least {minimum}, not {value!r}")
     if host != settings.host:
-        raise InvalidInput(f"refused prepare job for {repo!r}: it is for host {host!r}, this worker serves {settings.host!r}")
+        raise InvalidInput(f"refused {kind} job for {repo!r}: it is for host {host!r}, this worker serves {settings.host!r}")
     return repo
 
 
@@ -41,7 +43,7 @@ def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> dic
     """Prepare `repo` on `host`: clone or fetch, index, publish READY. `attempt` counts attempts
     for people; `version`, the stream version that began the attempt, is what identifies it."""
     settings = load_settings()
-    name = check_job_arguments(settings, repo, attempt, version, host)
+    name = check_job_arguments(settings, "prepare", repo, host, attempt=attempt, version=version)
     retries_left = self.request.retries < settings.job_retries
     try:
         result = run_prepare_job(
@@ -60,4 +62,18 @@ def prepare(self: Task, repo: str, attempt: int, version: int, host: str) -> dic
         # redacted error; the message is acknowledged all the same (acks_late acknowledges a task
         # that failed, task_acks_on_failure_or_timeout), so a recorded failure is never redelivered.
         raise PrepareFailed(result.error or "preparation failed")
+    return result.shown()
+
+
+@app.task(name=REFRESH_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def refresh(self: Task, repo: str, slot: int, host: str) -> dict[str, str]:
+    """Refresh `repo` on `host` once (add-repo --refresh): fetch its ref, and show the new commit
+    if the working tree has no changes of its own. `slot` names the interval (the task's id)."""
+    settings = load_settings()
+    name = check_job_arguments(settings, "refresh", repo, host, minimum=0, slot=slot)
+    result = run_refresh_job(settings, name, self.request.id)
+    if result is None:
+        return {"outcome": "skipped"}
+    if result.outcome is RefreshOutcome.FAILED:
+        raise PrepareFailed(f"refreshing {name} failed: {result.detail}")  # FAILURE in Flower; the mount keeps its commit
     return result.shown()

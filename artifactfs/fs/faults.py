@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from ..metrics import ErrorKind, count_error
+
 log = logging.getLogger(__name__)
 
 # Every request handler pyfuse3 may call (init and stacktrace are not requests).
@@ -28,6 +30,7 @@ FS = TypeVar("FS", bound=type)
 
 
 def _log_fault(fs: Any, operation: str, exc: Exception) -> None:
+    count_error(ErrorKind.OPERATION)
     log.error("%s: %s failed: %s: %s", getattr(fs, "fsname", "artifactfs"), operation, type(exc).__name__, exc)
     log.debug("%s: %s failed", getattr(fs, "fsname", "artifactfs"), operation, exc_info=exc)
 

@@ -16,6 +16,8 @@ import errno
 import pyfuse3
 import trio
 
+from ..metrics import GateOutcome, gate_wait
+
 
 class GateState(str, enum.Enum):
     CLOSED = "closed"
@@ -102,9 +104,16 @@ class Gate:
 
     async def wait(self, caller_tid: int | None = None) -> None:
         """Return when open; raise FUSEError(EIO) when failed, FUSEError(EINTR) if interrupted."""
-        while True:
-            if self.state is GateState.OPEN:
-                return
-            if self.state is GateState.FAILED:
-                raise pyfuse3.FUSEError(errno.EIO)
-            await wait_for(self._changed, caller_tid)
+        if self.state is GateState.OPEN:
+            return
+        if self.state is GateState.FAILED:
+            raise pyfuse3.FUSEError(errno.EIO)
+        with gate_wait() as ended:  # a wait at a closed gate: counted, and timed
+            while True:
+                await wait_for(self._changed, caller_tid)
+                if self.state is GateState.OPEN:
+                    ended(GateOutcome.OPENED)
+                    return
+                if self.state is GateState.FAILED:
+                    ended(GateOutcome.FAILED)
+                    raise pyfuse3.FUSEError(errno.EIO)

@@ -39,6 +39,7 @@ from ..gitstore import (
     remove_abandoned_packs,
     temporary_packs,
 )
+from ..metrics import observe_fetch
 from ..model import BlobFetchFailed
 from .gate import wait_for
 from .odb import ThreadOdb
@@ -295,9 +296,11 @@ class Hydrator:
             log.info("fetched %d objects in one %s transaction in %.3fs", len(batch), lane.value, elapsed)
         # Whether the remote sent every object: asked in a worker thread, since a bulk batch holds
         # thousands, and the FUSE loop answers meanwhile.
-        missing = set(batch)
+        missing, size = set(batch), 0
         if error is None:
-            missing = set(await trio.to_thread.run_sync(self._odb.missing_among, list(batch)))
+            absent, size = await trio.to_thread.run_sync(self._odb.arrived, list(batch))
+            missing = set(absent)
+        observe_fetch(lane.value, error is None, elapsed, len(batch) - len(missing), size)
         for oid, pending in batch.items():
             if oid in missing:
                 pending.error = error or "the remote did not send it"

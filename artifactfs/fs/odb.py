@@ -24,7 +24,14 @@ class ThreadOdb:
             repo = self._threads.repo = pygit2.Repository(str(self.git_dir))
         return repo.odb
 
-    def missing_among(self, oids: list[str]) -> list[str]:
-        """Those of `oids` the object store does not hold."""
+    def arrived(self, oids: list[str]) -> tuple[list[str], int]:
+        """Those of `oids` the object store does not hold, and the size of those it holds (their
+        headers alone are read: what a fetch brought is counted without inflating it)."""
         odb = self.odb()
-        return [oid for oid in oids if not odb.exists(oid)]
+        missing, size = [], 0
+        for oid in oids:
+            try:
+                size += odb.read_header(oid)[1]
+            except KeyError:
+                missing.append(oid)
+        return missing, size

@@ -1,0 +1,288 @@
+"""The remote helper through which git's lazy fetches reach the promisor remote, widened.
+
+Git fetches a missing object the moment it needs it, in a transaction of its own. A diff, a
+checkout or a status batch their objects first; a history walk does not: `git blame` asks for
+each older version of a file one at a time, `git log -p` for each commit's changes as it reaches
+the commit. What comes next is known locally, since a blobless clone has every commit and tree.
+
+Preparation configures a promisor remote in front of the clone's own (configure() below):
+
+    [remote "artifactfs"]                     # before origin's section: git asks promisor
+        url = artifactfs::origin              # remotes in config order; it runs
+        promisor = true                       # `git remote-artifactfs artifactfs origin`
+    [alias] remote-artifactfs = !<python> -I -S <this file>
+
+Git finds no `git-remote-artifactfs` program and runs the alias (as for any command it does not
+know), so nothing is installed outside the repository's own config; the helper runs for whoever
+runs git, as them. It speaks the `fetch` capability of gitremote-helpers(7): git names the
+objects it wants, and the helper widens a small request (a walk's) to what the walk will need:
+
+- it locates the requested blobs in history (`git log --raw`, newest first: the commit whose
+  change introduced each, and its path);
+- adds every version of those paths from there back (what blame and `log -p PATH` read), then
+  both sides of every change of the commits that follow in the walk (what `log -p` reads next);
+- and fetches all of it from the real remote in one transaction, with the command git's own lazy
+  fetch runs, into a promisor pack. The objects are the remote's: git's output is unchanged.
+
+A large request is git batching already (a diff, a checkout): it is fetched as asked. Should the
+helper fail, git goes on to the next promisor remote, origin, and fetches as asked: the widening
+can cost a lazy fetch its speed, never its result.
+
+It runs in the middle of a git command, so it starts fast: the standard library only, no
+site-packages (-I -S), and of that only what the interpreter has loaded already (os, sys, io):
+subprocess, re, dataclasses, typing and pathlib would cost 25 ms more than its whole start. It
+runs git with posix_spawn, and git's own plumbing reads history.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+TYPE_CHECKING = False  # typing's own costs its import
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+HELPER_REMOTE = "artifactfs"
+PROMISOR_OPTIONS = ("filter", "from-promisor", "progress", "verbosity")
+HEX_DIGITS = frozenset("0123456789abcdef")
+NAME_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+NESTED = "ARTIFACTFS_LAZY_FETCH"  # set for the git the helper runs: it never asks the helper again
+
+# What git's own lazy fetch runs (promisor-remote.c), for many objects at once.
+LAZY_FETCH_ARGS = (
+    "-c", "fetch.negotiationAlgorithm=noop",
+    "-c", "maintenance.auto=false",  # the mount consolidates packs itself (Hydrator._consolidate)
+    "fetch", "origin",
+    "--no-tags", "--no-write-fetch-head", "--recurse-submodules=no",
+    "--filter=blob:none", "--stdin",
+)  # fmt: skip
+
+
+def is_object_id(text: str) -> bool:
+    return len(text) in (40, 64) and HEX_DIGITS.issuperset(text)
+
+
+def is_remote_name(text: str) -> bool:
+    return bool(text) and text[0] not in "._-" and NAME_CHARACTERS.issuperset(text)
+
+
+class Limits:
+    small_request = 16  # a request of more objects is git batching: fetched as asked
+    scan_commits = 50_000  # how far back to look for the commit that introduced a request
+    path_versions = 1_000  # versions of the requested paths, at most
+    next_commits = 64  # commits from the located one on whose changes come along
+    total = 2_000  # objects in one widened request, at most
+
+
+class Commit:
+    __slots__ = ("oid", "changes")
+
+    def __init__(self, oid: str) -> None:
+        self.oid = oid
+        self.changes: list[tuple[str, str, str]] = []  # (path, before, after)
+
+
+def configure(git_dir: os.PathLike[str], python: str = sys.executable) -> bool:
+    """Put the helper in front of the promisor remote of a partial clone; False (and nothing
+    changed) for a git directory that is not one. Origin's section is written again after the
+    helper's, unless it comes after already. (extensions.partialClone would order them too, but
+    libgit2 refuses to open a repository that names an extension it does not know.)"""
+    import shlex
+
+    from ..gitstore import run_git
+
+    def config(*args: str, check: bool = True) -> bytes:
+        return run_git(["config", "--local", *args], git_dir=git_dir, check=check).stdout
+
+    if config("--get", "remote.origin.promisor", check=False).strip() != b"true":
+        return False
+    blob_filter = config("--get", "remote.origin.partialclonefilter", check=False).decode().strip() or "blob:none"
+    config(f"remote.{HELPER_REMOTE}.url", f"{HELPER_REMOTE}::origin")
+    config(f"remote.{HELPER_REMOTE}.promisor", "true")
+    config(f"remote.{HELPER_REMOTE}.partialclonefilter", blob_filter)
+    config(f"alias.remote-{HELPER_REMOTE}", f"!{shlex.quote(python)} -I -S {shlex.quote(__file__)}")
+    order = config("--name-only", "--get-regexp", r"^remote\..*\.promisor$").decode().split()
+    if order and order[0] != f"remote.{HELPER_REMOTE}.promisor":
+        origin = config("-z", "--get-regexp", r"^remote\.origin\.").split(b"\0")
+        config("--remove-section", "remote.origin")
+        for entry in filter(None, origin):
+            key, _, value = entry.decode().partition("\n")
+            config("--add", key, value)
+    return True
+
+
+def git(git_dir: str | os.PathLike[str], *args: str) -> list[str]:
+    """git with lazy fetching off (no promisor remote): what is missing is an error, never a
+    fetch, and never a request to this helper again."""
+    return ["git", f"--git-dir={git_dir}", "-c", f"remote.{HELPER_REMOTE}.promisor=false",
+            "-c", "remote.origin.promisor=false", *args]  # fmt: skip
+
+
+def commits(git_dir: str | os.PathLike[str], *revs: str) -> Iterator[Commit]:
+    """Commits and the blobs each changed (against its first parent), newest first, as `git log
+    --raw` writes them; trees only, never a blob. Stops where the history here ends."""
+    args = git(git_dir, "-c", "core.quotePath=false", "log", "--no-renames", "--raw", "--no-abbrev", "--format=@%H", *revs)
+    read_end, write_end = os.pipe()
+    pid = spawn(args, stdout=write_end, quiet=True)  # a walk that fails costs the widening, silently
+    os.close(write_end)
+    current: Commit | None = None
+    try:
+        for raw in os.fdopen(read_end, "rb"):
+            line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
+            if line.startswith("@"):
+                if current is not None:
+                    yield current
+                current = Commit(line[1:])
+            elif line.startswith(":") and current is not None:
+                meta, _, path = line.partition("\t")
+                fields = meta.split()
+                if len(fields) >= 5 and not fields[0].endswith("160000") and fields[1] != "160000":
+                    current.changes.append((path, fields[2], fields[3]))
+        if current is not None:
+            yield current
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+
+
+def spawn(args: list[str], *, stdin: int | None = None, stdout: int | None = None, quiet: bool = False,
+          env: dict[str, str] | None = None) -> int:  # fmt: skip
+    """Start `args` with `stdin` and `stdout` (/dev/null if None); stderr stays git's unless
+    `quiet`. Our own descriptors are not inherited (Python opens them close-on-exec)."""
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, devnull if stdin is None else stdin, 0),
+                   (os.POSIX_SPAWN_DUP2, devnull if stdout is None else stdout, 1)]  # fmt: skip
+        if quiet:
+            actions.append((os.POSIX_SPAWN_DUP2, devnull, 2))
+        return os.posix_spawnp(args[0], args, os.environ if env is None else env, file_actions=actions)
+    finally:
+        os.close(devnull)
+
+
+class Collector:
+    """Object ids in order, once each (never a null id), up to a total."""
+
+    def __init__(self, first: list[str], total: int) -> None:
+        self.objects = list(first)
+        self.seen = set(first)
+        self.total = total
+
+    @property
+    def full(self) -> bool:
+        return len(self.objects) >= self.total
+
+    def add(self, oid: str) -> bool:
+        if self.full or oid in self.seen or not oid.strip("0"):
+            return False
+        self.seen.add(oid)
+        self.objects.append(oid)
+        return True
+
+
+def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Limits()) -> list[str]:
+    """`wants`, then what the walk that asked for them will need next."""
+    wanted = list(dict.fromkeys(wants))
+    if len(wanted) > limits.small_request:
+        return wanted
+    unlocated = set(wanted)
+    paths: dict[str, None] = {}
+    start: str | None = None
+    following: list[Commit] = []
+    for scanned, commit in enumerate(commits(git_dir, "HEAD", "--all")):
+        for path, before, after in commit.changes:
+            if before in unlocated or after in unlocated:
+                unlocated.difference_update((before, after))
+                paths.setdefault(path)
+                start = start or commit.oid
+        if start is not None:
+            following.append(commit)
+        if (not unlocated and len(following) >= limits.next_commits) or scanned >= limits.scan_commits:
+            break
+    if start is None:
+        return wanted
+    more = Collector(wanted, limits.total)
+    versions = 0
+    for commit in commits(git_dir, start, "--", *paths):  # every version of the paths, back
+        for _, before, after in commit.changes:
+            versions += more.add(after) + more.add(before)
+        if versions >= limits.path_versions or more.full:
+            break
+    for commit in following[: limits.next_commits]:  # what log -p reads next
+        for _, before, after in commit.changes:
+            more.add(before)
+            more.add(after)
+    return more.objects
+
+
+def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> None:
+    """Fetch `wants`, widened, from `source` in one transaction; as asked if widening fails."""
+    try:
+        objects = widen(git_dir, wants)
+    except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
+        objects = wants
+    args = ["git", f"--git-dir={git_dir}", *(arg if arg != "origin" else source for arg in LAZY_FETCH_ARGS)]
+    env = {**os.environ, NESTED: "1", "GIT_TERMINAL_PROMPT": "0"}
+    read_end, write_end = os.pipe()
+    pid = spawn(args, stdin=read_end, env=env)
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as requests:
+        requests.write("".join(f"{oid}\n" for oid in objects).encode())
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"git fetch {source} exited with {os.waitstatus_to_exitcode(status)}")
+
+
+def serve(source: str, git_dir: str | os.PathLike[str], stdin: io.TextIOBase, stdout: io.TextIOBase) -> int:
+    """The helper's side of gitremote-helpers(7), `fetch` capability only."""
+    wants: list[str] = []
+    for raw in stdin:
+        line = raw.rstrip("\n")
+        if line == "capabilities":
+            stdout.write("fetch\noption\n\n")
+        elif line.startswith("option "):
+            name = line.split(" ", 2)[1]
+            stdout.write("ok\n" if name in PROMISOR_OPTIONS else "unsupported\n")
+        elif line.startswith("list"):
+            stdout.write("\n")  # no refs: git asks for objects by id
+        elif line.startswith("fetch "):
+            oid = line.split(" ")[1]
+            if not is_object_id(oid):
+                raise ValueError(f"not an object id: {oid!r}")
+            wants.append(oid)
+            continue
+        elif line == "":
+            if not wants:
+                return 0  # git has nothing more to ask
+            fetch(git_dir, source, wants)
+            wants = []
+            stdout.write("\n")
+        else:
+            raise ValueError(f"unknown command {line!r}")
+        stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if os.environ.get(NESTED):
+        return 1  # asked again from within its own fetch: let git go on to origin
+    if len(args) != 2 or not is_remote_name(args[1]):
+        print("usage: git remote-artifactfs <remote> artifactfs::<promisor remote>", file=sys.stderr)
+        return 1
+    git_dir = os.environ.get("GIT_DIR", ".git")
+    try:
+        return serve(args[1], git_dir, sys.stdin, sys.stdout)
+    except Exception as exc:  # noqa: BLE001 (git then asks the next promisor remote)
+        print(f"artifactfs remote helper: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # git waits on this process: skip the interpreter's teardown (a few ms)
