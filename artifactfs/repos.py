@@ -355,20 +355,10 @@ def follow_attempt(settings: Settings, registry: Registry, name: str, attempt_ve
     Its phases come from the log, git's percentages from the job's progress channel."""
     where = on_host(settings, registry.host)
     deadline = time.monotonic() + settings.prepare_deadline + OUTCOME_GRACE_SECONDS
-    position, phase = 0, None
-
-    def read_log() -> None:
-        nonlocal position, phase
-        for event in registry.events(name, after=position):
-            position = event.id
-            if event.type == EventType.PHASE.value and event.version > attempt_version:
-                phase = str(event.payload.get("phase"))
-                if report is not None:
-                    report(Note(phase))
-
+    phases = _LoggedPhases(registry, name, attempt_version, report)
     with _progress_channel(settings, registry.host, name) as listen:
         while True:
-            read_log()
+            phases.show_all()
             repo = registry.require(name)
             if repo.attempt_version != attempt_version:
                 raise PrepareFailed(f"the attempt to prepare {name}{where} was superseded by another (see: artifactfs events --name {name})")
@@ -382,12 +372,45 @@ def follow_attempt(settings: Settings, registry: Registry, name: str, attempt_ve
                     f"(ARTIFACTFS_PREPARE_DEADLINE): are its mountd and worker running? (artifactfs up on {registry.host})"
                 )
             for note in listen(attempt_version, OUTCOME_POLL_SECONDS):
-                if report is None or note.stage is None:
-                    continue
-                if note.phase != phase:  # the job is a phase ahead of what was read: the log has it
-                    read_log()
-                if note.phase == phase:  # shown under the phase it belongs to, in the log's order
-                    report(note)
+                if report is not None and note.stage is not None and phases.show_until(note.phase):
+                    report(note)  # under the phase it belongs to, in the log's order
+
+
+class _LoggedPhases:
+    """The phases of one attempt, from the log, shown in the log's order. A note of git's may
+    arrive after the log has moved past its phase (notes are read in batches): the phases up to
+    the note's are shown first, the later ones stay queued until the note has been shown."""
+
+    def __init__(self, registry: Registry, name: str, attempt_version: int, report: Report | None) -> None:
+        self.registry, self.name, self.attempt_version, self.report = registry, name, attempt_version, report
+        self.position = 0
+        self.current: str | None = None
+        self.queued: list[str] = []
+
+    def _read(self) -> None:
+        for event in self.registry.events(self.name, after=self.position):
+            self.position = event.id
+            if event.type == EventType.PHASE.value and event.version > self.attempt_version:
+                self.queued.append(str(event.payload.get("phase")))
+
+    def _show_next(self) -> None:
+        self.current = self.queued.pop(0)
+        if self.report is not None:
+            self.report(Note(self.current))
+
+    def show_all(self) -> None:
+        self._read()
+        while self.queued:
+            self._show_next()
+
+    def show_until(self, phase: str | None) -> bool:
+        """Show the queued phases up to `phase`; whether `phase` is now the one shown."""
+        if phase != self.current and phase not in self.queued:
+            self._read()
+        if phase in self.queued:
+            while self.current != phase:
+                self._show_next()
+        return phase == self.current
 
 
 @contextmanager

@@ -3,6 +3,7 @@ terminal and as plain lines elsewhere, nothing with --quiet; --json on standard 
 from __future__ import annotations
 
 import fcntl
+from types import SimpleNamespace
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import termios
 
 from artifactfs.progress import Mode, Note, Publisher, Reporter, git_progress, parse
+from artifactfs.repos import _LoggedPhases
 
 from .conftest import PYTHON, Artifactfs
 from .gitremote import SampleRepo
@@ -43,6 +45,34 @@ def test_a_published_note_is_read_back_for_its_attempt_only(monkeypatch) -> None
     publisher(Note(stage="Receiving objects", percent=100))
     assert [parse(m, 7) for m in sent] == [Note("clone"), Note("clone", "Receiving objects", 100)]
     assert parse(sent[0], 8) is None and parse(b"not json", 7) is None
+
+
+class GrowingLog:
+    """A log whose phases are appended while a follower reads it (unit test of the ordering)."""
+
+    def __init__(self) -> None:
+        self.rows: list[SimpleNamespace] = []
+
+    def append(self, phase: str, version: int = 6) -> None:
+        self.rows.append(SimpleNamespace(id=len(self.rows) + 1, type="phase", version=version, payload={"phase": phase}))
+
+    def events(self, name: str, after: int) -> list[SimpleNamespace]:
+        return [row for row in self.rows if row.id > after]
+
+
+def test_a_note_that_arrives_after_the_log_moved_on_is_shown_under_its_phase() -> None:
+    log, shown = GrowingLog(), []
+    log.append("validate", version=4)  # an earlier attempt's: not this one's
+    log.append("validate")
+    phases = _LoggedPhases(log, "app", 5, shown.append)  # type: ignore[arg-type]
+    phases.show_all()
+    for phase in ("clone", "index", "publish"):  # the job ran ahead while notes were batched
+        log.append(phase)
+    assert phases.show_until("clone")
+    shown.append(Note(stage="Receiving objects", percent=100))
+    assert not phases.show_until("validate")  # a phase already left: its late notes are dropped
+    phases.show_all()
+    assert [n.phase or n.stage for n in shown] == ["validate", "clone", "Receiving objects", "index", "publish"]
 
 
 def test_a_blocking_add_shows_phases_and_git_percentages(afs: Artifactfs, sample: SampleRepo) -> None:
