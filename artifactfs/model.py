@@ -16,6 +16,15 @@ class PrepareState(str, enum.Enum):
     FAILED = "failed"
 
 
+class HistoryState(str, enum.Enum):
+    """Whether a ready repository's history (commits and trees) is all here (see history.py)."""
+
+    PENDING = "pending"  # ready with one commit: the rest is still to fetch
+    FETCHING = "fetching"  # a worker is fetching it
+    COMPLETE = "complete"
+    FAILED = "failed"  # its fetch failed: git in the mount still fetches it when it needs it
+
+
 class BackfillPolicy(str, enum.Enum):
     """When a mount starts fetching, in the background, what is still missing (ARTIFACTFS_BACKFILL)."""
 
@@ -53,6 +62,7 @@ class EventType(str, enum.Enum):
     PHASE = "phase"  # a prepare phase started: validate, clone, fetch, ...
     READY = "ready"  # prepared: head commit known, git dir in place
     FAILED = "failed"  # preparation failed: redacted error
+    HISTORY = "history"  # the background fetch of a ready repository's history: started, done, failed
     REFRESHED = "refreshed"  # the remote ref was fetched again: the outcome, the head before and after
     ADD_ABANDONED = "add_abandoned"  # a blocking add failed: the name is free again
     REMOVED = "removed"  # unregistered: the name is free again
@@ -74,6 +84,7 @@ class Phase(str, enum.Enum):
     UPDATE_BRANCH = "update_branch"
     INDEX = "index"
     PUBLISH = "publish"
+    HISTORY = "history"  # after ready: the rest of the history (history.py)
 
 
 class ArtifactError(Exception):
@@ -216,6 +227,11 @@ class RepoState:
     refresh_seconds: float | None = None  # fetch the ref again this often; None: never
     refreshed_at: datetime | None = None
     refresh_outcome: str | None = None  # model.RefreshOutcome of the last refresh
+    # The history behind the commit shown (model.HistoryState): ready in one commit's time, the
+    # rest fetched after; when it was published ready, and how long the rest took.
+    history: str = HistoryState.COMPLETE.value
+    ready_at: datetime | None = None
+    history_seconds: float | None = None
     version: int = 0  # the last stream version folded into this row
     registered_at: datetime = field(default_factory=lambda: utcnow())
     updated_at: datetime = field(default_factory=lambda: utcnow())

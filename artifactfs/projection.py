@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .model import EventRecord, EventType, PrepareState, RepoState
+from .model import EventRecord, EventType, HistoryState, PrepareState, RepoState
 
 
 def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
@@ -53,10 +53,18 @@ def apply_event(repo: RepoState | None, ev: EventRecord) -> RepoState | None:
         repo.prepare_phase = None
         repo.head = p["head"]
         repo.filter_fallback = bool(p.get("filter_fallback", False))
+        repo.history = p.get("history", HistoryState.COMPLETE.value)
+        repo.ready_at = ev.created_at
+        repo.history_seconds = None
+    elif kind is EventType.HISTORY:
+        repo.history = {"started": HistoryState.FETCHING, "done": HistoryState.COMPLETE}.get(
+            p.get("state", ""), HistoryState.FAILED).value
+        repo.history_seconds = p.get("seconds", repo.history_seconds)
     elif kind is EventType.REFRESHED:
         repo.head = p.get("head") or repo.head
         repo.refreshed_at = ev.created_at
         repo.refresh_outcome = p.get("outcome")
+        repo.history = p.get("history", repo.history)
     elif kind is EventType.FAILED:
         repo.prepare_state = PrepareState.FAILED.value
         repo.prepare_error = p.get("error") or "unknown error"

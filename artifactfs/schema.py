@@ -24,7 +24,7 @@ from typing import Any
 from .model import RegistryError
 from .remotes import redact
 
-KNOWN = ("0001", "0002", "0003")  # every revision in migrations/versions, oldest first (tests/test_migrations.py checks)
+KNOWN = ("0001", "0002", "0003", "0004")  # every revision in migrations/versions, oldest first (tests/test_migrations.py checks)
 HEAD = KNOWN[-1]
 BASELINE = KNOWN[0]  # the schema of release 0.1.0
 MIGRATIONS = Path(__file__).with_name("migrations")

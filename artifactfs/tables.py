@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from .model import PrepareState, utcnow
+from .model import HistoryState, PrepareState, utcnow
 
 
 class EventRow(SQLModel, table=True):
@@ -60,6 +60,9 @@ class RepoRow(SQLModel, table=True):
     refresh_seconds: float | None = None
     refreshed_at: datetime | None = None
     refresh_outcome: str | None = None
+    history: str = HistoryState.COMPLETE.value
+    ready_at: datetime | None = None
+    history_seconds: float | None = None
     version: int = 0
     registered_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

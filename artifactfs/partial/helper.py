@@ -24,8 +24,17 @@ objects it wants, and the helper widens a small request (a walk's) to what the w
 - and fetches all of it from the real remote in one transaction, with the command git's own lazy
   fetch runs, into a promisor pack. The objects are the remote's: git's output is unchanged.
 
-A large request is git batching already (a diff, a checkout): it is fetched as asked. Should the
-helper fail, git goes on to the next promisor remote, origin, and fetches as asked: the widening
+A large request is git batching already (a diff, a checkout): it is fetched as asked.
+
+A repository made ready in one commit's time (a depth-1 clone whose `shallow` file is gone, see
+artifactfs/history.py) lacks the parents of that commit: git takes them for promised objects and
+asks for them the moment a walk reaches them. While its history marker is in the git directory,
+the helper first fetches the whole missing history (commits and trees, never a blob) in one
+transaction together with what git asked for, under the history lock that the background fetch
+holds too (so a git that asks while that fetch runs waits for it, and then finds everything
+here). A widening walk would reach the missing commits itself: it waits until history is whole.
+
+Should the helper fail, git goes on to the next promisor remote, origin, and fetches as asked: the widening
 can cost a lazy fetch its speed, never its result.
 
 It runs in the middle of a git command, so it starts fast: the standard library only, no
@@ -48,6 +57,13 @@ PROMISOR_OPTIONS = ("filter", "from-promisor", "progress", "verbosity")
 HEX_DIGITS = frozenset("0123456789abcdef")
 NAME_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 NESTED = "ARTIFACTFS_LAZY_FETCH"  # set for the git the helper runs: it never asks the helper again
+# In the git directory: while HISTORY_MARKER is there, history is incomplete; it names the missing
+# commits ("missing <id>" lines) and, if any, a commit whose history is whole, to negotiate from
+# ("tip <id>"). HISTORY_LOCK serialises the fetches that complete it. LAZY_FETCH_LOG has a line
+# per lazy fetch that reached the helper: "<objects asked> <objects fetched> <history 0|1>".
+HISTORY_MARKER = "artifactfs-history"
+HISTORY_LOCK = "artifactfs-history.lock"
+LAZY_FETCH_LOG = "artifactfs-lazy-fetches"
 
 # What git's own lazy fetch runs (promisor-remote.c), for many objects at once.
 LAZY_FETCH_ARGS = (
@@ -219,13 +235,54 @@ def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Li
     return more.objects
 
 
-def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> None:
-    """Fetch `wants`, widened, from `source` in one transaction; as asked if widening fails."""
+class History:
+    """The missing history of a git directory, as its marker names it."""
+
+    __slots__ = ("missing", "tip")
+
+    def __init__(self, missing: list[str], tip: str | None) -> None:
+        self.missing = missing
+        self.tip = tip
+
+    def text(self) -> str:
+        lines = [f"missing {oid}\n" for oid in self.missing]
+        return "".join(lines) + (f"tip {self.tip}\n" if self.tip else "")
+
+
+def pending_history(git_dir: str | os.PathLike[str]) -> History | None:
+    """What the marker says is missing, or None: the history here is whole."""
     try:
-        objects = widen(git_dir, wants)
-    except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
-        objects = wants
-    args = ["git", f"--git-dir={git_dir}", *(arg if arg != "origin" else source for arg in LAZY_FETCH_ARGS)]
+        with open(os.path.join(git_dir, HISTORY_MARKER), encoding="ascii") as marker:
+            lines = marker.read().split("\n")
+    except FileNotFoundError:
+        return None
+    missing, tip = [], None
+    for line in lines:
+        kind, _, oid = line.partition(" ")
+        if not is_object_id(oid):
+            continue
+        if kind == "missing":
+            missing.append(oid)
+        elif kind == "tip":
+            tip = oid
+    return History(missing, tip)
+
+
+def history_fetch_args(git_dir: str | os.PathLike[str], source: str, history: History) -> list[str]:
+    """The fetch of the missing history: commits and trees of every commit reachable from the
+    missing ones. With no commit to negotiate from, git's lazy-fetch command (no negotiation: a
+    walk of our history would reach the missing commits); with one, negotiated from it alone, so
+    that the remote sends only what that commit's history lacks."""
+    if history.tip is None:
+        fetch_args = LAZY_FETCH_ARGS
+    else:
+        start = LAZY_FETCH_ARGS.index("fetch")
+        fetch_args = (*LAZY_FETCH_ARGS[2:start], *LAZY_FETCH_ARGS[start:], f"--negotiation-tip={history.tip}")
+    return ["git", f"--git-dir={git_dir}", *(arg if arg != "origin" else source for arg in fetch_args)]
+
+
+def run_fetch(args: list[str], objects: list[str]) -> None:
+    """Run a fetch of `objects` by id (on its standard input); OSError if it fails."""
     env = {**os.environ, NESTED: "1", "GIT_TERMINAL_PROMPT": "0"}
     read_end, write_end = os.pipe()
     pid = spawn(args, stdin=read_end, env=env)
@@ -234,7 +291,67 @@ def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> Non
         requests.write("".join(f"{oid}\n" for oid in objects).encode())
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise OSError(f"git fetch {source} exited with {os.waitstatus_to_exitcode(status)}")
+        raise OSError(f"{' '.join(args[2:4])} exited with {os.waitstatus_to_exitcode(status)}")
+
+
+def history_lock(git_dir: str | os.PathLike[str]) -> int | None:
+    """Hold the history lock (waiting for whoever holds it); its descriptor, or None when this
+    user cannot open it (git run by another user: it goes on unserialised)."""
+    try:
+        fd = os.open(os.path.join(git_dir, HISTORY_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    os.lockf(fd, os.F_LOCK, 0)
+    return fd
+
+
+def complete_history(git_dir: str | os.PathLike[str], source: str = "origin", wants: list[str] | None = None) -> bool:
+    """Fetch the missing history, and `wants` with it, in one transaction; drop the marker once
+    it is whole. False if there was none to fetch (whole already, or made whole by whoever held
+    the lock before us): `wants` are then still to fetch."""
+    lock = history_lock(git_dir)
+    try:
+        history = pending_history(git_dir)
+        if history is None:
+            return False
+        run_fetch(history_fetch_args(git_dir, source, history), [*history.missing, *(wants or [])])
+        # The fetch succeeded: the remote sent the closure of the missing commits (their
+        # commits and trees), so the history is whole. (artifactfs/history.py checks it again.)
+        try:
+            os.unlink(os.path.join(git_dir, HISTORY_MARKER))
+        except FileNotFoundError:
+            pass
+        return True
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def note_lazy_fetch(git_dir: str | os.PathLike[str], asked: int, fetched: int, history: bool) -> None:
+    """One line for `status` (what git's own lazy fetches cost); never fails the fetch."""
+    try:
+        fd = os.open(os.path.join(git_dir, LAZY_FETCH_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"{asked} {fetched} {int(history)}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> None:
+    """Fetch `wants`, widened, from `source` in one transaction; as asked if widening fails. While
+    history is incomplete, the history comes first, with `wants`, in that one transaction."""
+    if pending_history(git_dir) is not None and complete_history(git_dir, source, wants):
+        note_lazy_fetch(git_dir, len(wants), len(wants), True)
+        return
+    try:
+        objects = widen(git_dir, wants)
+    except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
+        objects = wants
+    args = ["git", f"--git-dir={git_dir}", *(arg if arg != "origin" else source for arg in LAZY_FETCH_ARGS)]
+    run_fetch(args, objects)
+    note_lazy_fetch(git_dir, len(wants), len(objects), False)
 
 
 def serve(source: str, git_dir: str | os.PathLike[str], stdin: io.TextIOBase, stdout: io.TextIOBase) -> int:
