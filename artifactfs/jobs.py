@@ -31,7 +31,7 @@ from .config import Settings
 from .locks import repo_lock
 from .logs import about
 from .metrics import ErrorKind, count_error, observe_prepare
-from .model import ArtifactError, GitError, Phase, PrepareState, PrepareTimeout, RegistryBusy, RepoState, StaleAttempt
+from .model import ArtifactError, GitError, HistoryState, Phase, PrepareState, PrepareTimeout, RegistryBusy, RepoState, StaleAttempt
 from .prepare import Patience, Preparation, fail_attempt
 from .procs import all_pids, parent_pid
 from .progress import Publisher
@@ -95,12 +95,21 @@ def publish_prepare(settings: Settings, repo: RepoState) -> str:
     return tid
 
 
+def history_behind(repo: RepoState) -> bool:
+    """Ready, with its history still to fetch by this attempt's job (a job killed after ready, or
+    whose worker went away, leaves it so: run again, it fetches the history only). Once a refresh
+    has run, the history is the refreshes' to fetch (refresh.py): each takes up what is left."""
+    behind = repo.state is PrepareState.READY and repo.history in (HistoryState.PENDING.value, HistoryState.FETCHING.value)
+    refreshed = repo.refreshed_at is not None and (repo.ready_at is None or repo.refreshed_at > repo.ready_at)
+    return behind and not refreshed
+
+
 def failpoint_from_env() -> Phase | None:
     """ARTIFACTFS_FAILPOINT=phase:<phase>, a fault-drill aid; inert when unset. Never set it in
     production.
 
     A prepare job stops for good right after it has recorded the event of <phase> (validate, clone,
-    fetch, update_branch, index or publish; for clone, once the clone has landed in its temporary
+    fetch, update_branch, index, publish or history; for clone, once the clone has landed in its temporary
     directory, before it is renamed into place): it logs "failpoint phase:<phase> reached" and
     waits there until it is killed. A drill sets it for a worker, SIGKILLs the worker at that point,
     and checks that the redelivered job (run by a worker without it) completes and leaves nothing
@@ -179,7 +188,9 @@ class PrepareJob:
     def _claim(self) -> RepoState | None:
         """The repository, if this job's attempt is current and a worker's to run; else None."""
         repo = self.patience.retry(lambda: self.registry.get(self.name), self.name)
-        if repo is None or repo.attempt_version != self.attempt_version or repo.state is not PrepareState.PREPARING:
+        if repo is None or repo.attempt_version != self.attempt_version or not (
+            repo.state is PrepareState.PREPARING or history_behind(repo)
+        ):
             state = repo.prepare_state if repo else "removed"
             log.info("%s: the attempt begun at version %d has nothing to do (%s)", self.name, self.attempt_version, state)
             return None
@@ -205,8 +216,12 @@ class PrepareJob:
         # Whoever waits on it (prepare --wait, add-repo --host) sees git's percentages too.
         report = Publisher(self.settings.wakeup_url, self.settings.host, self.name, self.attempt_version)
         preparation = Preparation(self.settings, self.registry, repo, self.job_id, patience=self.patience,
-                                  failpoint=failpoint_from_env(), report=report)  # fmt: skip
+                                  failpoint=failpoint_from_env(), report=report, history_behind=True)  # fmt: skip
         try:
+            if history_behind(repo):  # ready, its history not yet: the job was killed after ready
+                assert repo.head is not None
+                preparation.complete_history(repo.head)
+                return JobResult(PrepareOutcome.READY, head=repo.head)
             return JobResult(PrepareOutcome.READY, head=preparation.run())
         except (RegistryBusy, self.time_limit_error):
             raise  # the task hands the job back to the queue; the caller records the timeout

@@ -26,10 +26,13 @@ from .config import Settings
 from .fs.fsmonitor import add_index_extensions, base_token, fsmonitor_extension, hook_command
 from .fs.untracked_cache import PER_DIRECTORY_EXCLUDES, tree_of_directories, untracked_extension
 from .gitstore import PREPARE_REFLOG_MESSAGE, clone_blobless, fetch_objects, git_env, remove_abandoned_packs, run_git
+from .history import count_commits, defers_history, fetch_history, history_pending, one_commit_first
 from .logs import set_context as set_log_context
-from .metrics import PhaseClock
+from .metrics import PhaseClock, observe_ready
 from .model import (
     EventType,
+    GitError,
+    HistoryState,
     InvalidInput,
     NewEvent,
     Owner,
@@ -43,6 +46,7 @@ from .model import (
     StaleAttempt,
 )
 from .owners import call_as, git_dir_owner, give_to
+from .partial.helper import HISTORY_LOCK
 from .partial.helper import configure as configure_lazy_fetch
 from .progress import Note, Report
 from .registry import Registry
@@ -62,11 +66,12 @@ def announce(settings: Settings, name: str) -> None:
 Guard = Callable[[RepoState | None], None]
 
 
-def current_attempt(attempt_version: int) -> Guard:
-    """Refuse to append for an attempt that a newer one (or a removal) has superseded."""
+def current_attempt(attempt_version: int, state: PrepareState = PrepareState.PREPARING) -> Guard:
+    """Refuse to append for an attempt that a newer one (or a removal) has superseded, or that is
+    no longer in `state` (a history fetch appends to a ready attempt)."""
 
     def guard(repo: RepoState | None) -> None:
-        if repo is None or repo.attempt_version != attempt_version or repo.state is not PrepareState.PREPARING:
+        if repo is None or repo.attempt_version != attempt_version or repo.state is not state:
             raise StaleAttempt("this preparation attempt was superseded (a newer attempt, or a removal)")
 
     return guard
@@ -241,7 +246,9 @@ def clear_leftovers(git_dir: Path) -> list[Path]:
     found = [*git_dir.glob(TOP_LEVEL_LOCKS), *git_dir.glob(REF_LOCKS)]
     removed = []
     for path in found:
-        if path.is_file() and not path.is_symlink():
+        # The history's lock is no git lock file: an flock that dies with its holder, and a
+        # helper in the mount may hold it now.
+        if path.is_file() and not path.is_symlink() and path.name != HISTORY_LOCK:
             path.unlink(missing_ok=True)
             removed.append(path)
     removed += remove_abandoned_packs(git_dir)
@@ -315,6 +322,30 @@ def check_git_dir(path: Path) -> None:
         raise InvalidInput(f"{path} is not a git directory (expected HEAD and objects/ inside it)")
 
 
+def complete_history(name: str, git_dir: Path, head: str, owner: Owner | None,
+                     record_history: Callable[[dict[str, object]], None],
+                     started: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    """Fetch the history behind a ready repository `name` (history.py) and check it, recording
+    HISTORY started and done (with its commits and seconds) or failed. A failure leaves the
+    repository ready: git in the mount fetches the history itself when it walks it, and
+    `artifactfs prepare` or the next refresh tries again."""
+    if not history_pending(git_dir):
+        record_history({"state": "done", "commits": call_as(owner, lambda: count_commits(git_dir, head))})
+        return
+    record_history({"state": "started"})
+    started()
+    began = time.monotonic()
+    try:
+        commits = call_as(owner, lambda: fetch_history(git_dir, head))
+    except GitError as exc:
+        log.warning("%s: the history fetch failed: %s", name, redact(str(exc)))
+        record_history({"state": "failed", "error": redact(str(exc))})
+        return
+    seconds = round(time.monotonic() - began, 3)
+    log.info("%s: history complete: %d commits in %.2fs", name, commits, seconds)
+    record_history({"state": "done", "commits": commits, "seconds": seconds})
+
+
 @dataclass
 class Preparation:
     settings: Settings
@@ -326,6 +357,10 @@ class Preparation:
     failpoint: Phase | None = None  # a fault drill's stop (see jobs.failpoint_from_env)
     clock: PhaseClock = field(default_factory=PhaseClock)  # each phase's time (metrics.py)
     report: Report | None = None  # who waits on it (progress.py): the phases and git's percentages
+    # A worker's job: ready in one commit's time, the history fetched after (history.py).
+    history_behind: bool = False
+    shallow_refused: bool = False  # the remote could not serve that: the whole history came at once
+    started: float = field(default_factory=time.monotonic)
 
     def phase(self, phase: Phase) -> None:
         self.clock.begin(phase.value)
@@ -376,8 +411,33 @@ class Preparation:
             # and shown by status, since its size and its time are not what the filter promised.
             log.warning("%s: the remote does not support filters: a full clone, not a partial one", repo.name)
             payload["filter_fallback"] = True
+        if self.shallow_refused:
+            log.warning("%s: the remote cannot serve a shallow fetch: the whole history came before ready", repo.name)
+            payload["shallow_refused"] = True
+        pending = history_pending(git_dir)
+        if pending:
+            payload["history"] = HistoryState.PENDING.value
         self._record(NewEvent(EventType.READY, payload, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
+        observe_ready(time.monotonic() - self.started)
+        if pending:
+            self.complete_history(head)
         return head
+
+    def complete_history(self, head: str) -> None:
+        """The history behind a ready repository, fetched and checked, with its events."""
+        self.clock.begin(Phase.HISTORY.value)
+        set_log_context(phase=Phase.HISTORY.value)
+        git_dir = self.settings.repo_git_dir(self.repo)
+        complete_history(self.repo.name, git_dir, head, self.owner, self._record_history,
+                         lambda: self._reached(Phase.HISTORY))  # fmt: skip
+
+    def _record_history(self, payload: dict[str, object]) -> None:
+        self._record(NewEvent(EventType.HISTORY, payload, job_id=self.job_id,
+                              dedupe_key=f"{self.job_id}:history:{payload['state']}"), PrepareState.READY)  # fmt: skip
+
+    @property
+    def defers_history(self) -> bool:
+        return self.history_behind and defers_history(self.repo)
 
     def abandon(self) -> None:
         """Clear what a run interrupted mid-way leaves (once its git processes are gone): temporary
@@ -387,8 +447,8 @@ class Preparation:
         if not self.repo.prepared_gitdir and git_dir.is_dir():
             call_as(self.owner, lambda: len(clear_leftovers(git_dir)))
 
-    def _record(self, event: NewEvent) -> None:
-        guard = current_attempt(self.repo.attempt_version)
+    def _record(self, event: NewEvent, state: PrepareState = PrepareState.PREPARING) -> None:
+        guard = current_attempt(self.repo.attempt_version, state)
         self.patience.retry(lambda: record(self.settings, self.registry, self.repo.name, event, guard=guard), self.repo.name)
 
     def _git_progress(self) -> Callable[[str, int], None] | None:
@@ -413,10 +473,7 @@ class Preparation:
         staging = Path(tempfile.mkdtemp(prefix=f"{git_dir.name}.", dir=tmp_root))
         try:
             staged = staging / git_dir.name
-            head = clone_blobless(
-                self.repo.remote_url, self.repo.ref, staged, tmp_root, credential_file=self.credential_file,
-                blob_filter=self.repo.blob_filter, depth=self.repo.depth, progress=self._git_progress(),
-            ).head
+            head = self._clone_into(staged, tmp_root)
             verify_source(self.repo, staged, head, None)  # root's still, in the root-only temporary root
             self._reached(Phase.CLONE)
             git_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -431,6 +488,20 @@ class Preparation:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _clone_into(self, staged: Path, tmp_root: Path) -> str:
+        """The clone itself: one commit deep, its history named as missing, when the history comes
+        after ready; the whole history if the remote cannot serve a shallow clone (said in READY)."""
+        def clone(depth: int | None) -> str:
+            return clone_blobless(
+                self.repo.remote_url, self.repo.ref, staged, tmp_root, credential_file=self.credential_file,
+                blob_filter=self.repo.blob_filter, depth=depth, progress=self._git_progress(),
+            ).head  # fmt: skip
+
+        if not self.defers_history:
+            return clone(self.repo.depth)
+        head, self.shallow_refused = one_commit_first(clone, staged, None)
+        return head
+
     @property
     def owner(self) -> Owner | None:
         """Whose the git directory is (add-repo --owner): every git command on it runs as them."""
@@ -440,11 +511,22 @@ class Preparation:
         self.phase(Phase.FETCH)
         env = git_env(self.credential_file)
         progress = self._git_progress()
-        depth = self.repo.depth
-        head = call_as(self.owner, lambda: fetch_head(git_dir, self.repo.remote_url, source_ref, env, progress, depth))
+        head = call_as(self.owner, lambda: self._fetch_into(git_dir, source_ref, env, progress))
         verify_source(self.repo, git_dir, head, self.owner)  # before the branch moves: git in the mount never sees it
         self.phase(Phase.UPDATE_BRANCH)
         call_as(self.owner, lambda: move_branch(git_dir, self.repo.ref, head))
+        return head
+
+    def _fetch_into(self, git_dir: Path, source_ref: str, env: dict[str, str],
+                    progress: Callable[[str, int], None] | None) -> str:  # fmt: skip
+        """The fetch of a retry or a refresh: when the history comes after ready, of the new
+        commit and its trees first (as a clone), negotiated from the commit shown until now."""
+        def fetch(depth: int | None) -> str:
+            return fetch_head(git_dir, self.repo.remote_url, source_ref, env, progress, depth)
+
+        if not self.defers_history:
+            return fetch(self.repo.depth)
+        head, self.shallow_refused = one_commit_first(fetch, git_dir, self.repo.head)
         return head
 
     def _discard_temporaries(self) -> None:

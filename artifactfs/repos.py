@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Settings
 from .gitstore import configure_credential_helper, hydration_stats, store_credentials
+from .history import lazy_fetches
 from .locks import repo_lock
 from .model import (
     DisplayState,
@@ -649,6 +650,13 @@ def clone_kind(repo: RepoState) -> str:
     return f"{kind}, shallow (depth {repo.depth})" if repo.depth is not None else kind
 
 
+def ready_seconds(repo: RepoState) -> str:
+    """From the attempt's start to ready: what a sandbox waited at the gate, at most."""
+    if repo.ready_at is None or repo.attempt_started_at is None or repo.state is not PrepareState.READY:
+        return ""
+    return f"{max((repo.ready_at - repo.attempt_started_at).total_seconds(), 0):.3f}"
+
+
 def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
     """What `status` shows of `repo`; what lives on the host's disk (hydration, backfill) only
     for this host's repositories."""
@@ -672,6 +680,10 @@ def status_row(settings: Settings, repo: RepoState) -> dict[str, object]:
         "phase": repo.prepare_phase or "",
         "prepare_error": repo.prepare_error or "",
         "problem": problem(repo, state, "" if here else f" --host {repo.host}"),
+        "history": repo.history if repo.state is PrepareState.READY else "",  # of the commit shown
+        "ready_seconds": ready_seconds(repo),
+        "history_seconds": f"{repo.history_seconds:g}" if repo.history_seconds is not None else "",
+        "lazy_fetches": lazy_fetches(settings.repo_git_dir(repo)) if here else "",
         "hydrated_blobs": stats.blobs if stats else "",
         "hydrated_bytes": stats.bytes if stats else "",
         **backfill_columns(mount_record(settings, repo.name) if here else {}),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from artifactfs.config import Settings
-from artifactfs.jobs import publish_prepare, task_id
+from artifactfs.jobs import history_behind, publish_prepare, task_id
 from artifactfs.locks import repo_lock
 from artifactfs.logs import about
 from artifactfs.metrics import ErrorKind, count_error
@@ -344,6 +344,9 @@ class MountDaemon:
     def _drive_preparation(self, repo: RepoState, ended: set[str]) -> None:
         """Publish the job of a preparing attempt once (again if it ended without an outcome, or
         this host's worker came back); fail an attempt past the deadline."""
+        if history_behind(repo) and repo.asynchronous:
+            self._publish_again_if_ended(repo, ended)  # the job fetches the history after ready
+            return
         if repo.state is not PrepareState.PREPARING:
             self._published.pop(repo.name, None)
             return
@@ -354,6 +357,11 @@ class MountDaemon:
             return
         if not repo.asynchronous:
             return  # a blocking add or prepare runs in its own process
+        self._publish_again_if_ended(repo, ended)
+
+    def _publish_again_if_ended(self, repo: RepoState, ended: set[str]) -> None:
+        """Publish the attempt's job unless published already; again if it ended without an outcome
+        (for one whose history is behind: without the history's), a bounded number of times."""
         tid = task_id(repo.host, repo.name, repo.attempt_version)
         if tid in ended and self._published.get(repo.name) == repo.attempt_version:
             # The job ended, yet the attempt is still preparing: it recorded no outcome.
@@ -361,7 +369,10 @@ class MountDaemon:
             count = self._republished[key] = self._republished.get(key, 0) + 1
             if count > MAX_REPUBLISH:
                 error = f"the prepare job ended {count} times without recording an outcome (see the worker's log)"
-                self._fail(repo, error, f"republish:{repo.host}:{repo.name}:{repo.attempt_version}")
+                if repo.state is PrepareState.PREPARING:
+                    self._fail(repo, error, f"republish:{repo.host}:{repo.name}:{repo.attempt_version}")
+                elif count == MAX_REPUBLISH + 1:  # ready: git in the mount fetches the history itself
+                    log.error("%s: %s: its history is left to git's own fetches (retry: artifactfs prepare)", repo.name, error)
                 return
             log.warning("%s: job %s ended without an outcome; publishing it again", repo.name, tid)
             del self._published[repo.name]

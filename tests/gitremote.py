@@ -48,6 +48,7 @@ __all__ = [
     "make_deep_tree_repo",
     "make_large_file_repo",
     "make_history_repo",
+    "make_long_history_repo",
     "add_commit",
     "file_url",
     "git",
@@ -475,6 +476,36 @@ def make_history_repo(dest_dir: Path, name: str = "history", commits: int = 120,
         if n == 0:
             changes.update(content)
         content.update(changes)
+        parent = fi.commit("refs/heads/main", f"Change {n}\n", BASE_TIME + n * TIME_STEP, parent, _changes(changes))
+        marks.append(parent)
+    shas = fi.run(bare)
+    history = [shas[m] for m in marks]
+    return SampleRepo(bare=bare, head=history[-1], files=content, executables=set(), symlinks={},
+                      gitlinks={}, branches={"main": history[-1]}, history=history)
+
+
+def make_long_history_repo(dest_dir: Path, name: str = "long", commits: int = 20_000, hot_changes: int = 50,
+                           hot: str = "src/hot.py", spread: int = 200) -> SampleRepo:  # fmt: skip
+    """Create ``dest_dir/<name>.git`` with a long history, in one ``git fast-import`` run: each
+    commit rewrites one of ``spread`` small files under ``log/`` (so history has many trees),
+    and ``hot`` changes in ``hot_changes`` commits spread evenly over it (what blame reads)."""
+    bare = Path(dest_dir) / f"{name}.git"
+    _init_bare(bare)
+    content: dict[str, bytes] = {"README.md": f"# {name}\n".encode(), ".gitignore": b"*.pyc\n"}
+    hot_lines = [f"line {i}: the first version\n" for i in range(10)]
+    every = max(commits // hot_changes, 1)
+    fi = _FastImport()
+    parent: str | None = None
+    marks = []
+    for n in range(commits):
+        changes: dict[str, bytes | None] = {f"log/{n % spread:03d}/entry.txt": f"written by commit {n}\n".encode()}
+        if n % every == 0 and n // every < hot_changes:
+            hot_lines.append(f"line {len(hot_lines)}: added by commit {n}\n")
+            hot_lines[(3 * n) % len(hot_lines)] = f"line {(3 * n) % len(hot_lines)}: rewritten by commit {n}\n"
+            changes[hot] = "".join(hot_lines).encode()
+        if n == 0:
+            changes.update(content)
+        content.update({k: v for k, v in changes.items() if v is not None})
         parent = fi.commit("refs/heads/main", f"Change {n}\n", BASE_TIME + n * TIME_STEP, parent, _changes(changes))
         marks.append(parent)
     shas = fi.run(bare)

@@ -17,7 +17,7 @@ import pytest
 
 from artifactfs.mounts import fuse_mounts
 
-from .conftest import PYTHON, Artifactfs, process_gone, wait_until, waits_on_fuse
+from .conftest import PYTHON, Artifactfs, follows_ready, process_gone, wait_until, waits_on_fuse
 from .gitremote import GitDaemon, SampleRepo, add_commit, git, make_sample_repo
 
 
@@ -94,7 +94,8 @@ def add_async(afs: Artifactfs, name: str, remote: str, *extra: str) -> float:
 
 
 def event_types(afs: Artifactfs, name: str) -> list[str]:
-    return [e["type"] for e in json.loads(afs.run("events", "--name", name, "--json").stdout)]
+    """The types of `name`'s events, but those that follow ready."""
+    return [e["type"] for e in json.loads(afs.run("events", "--name", name, "--json").stdout) if not follows_ready(e["type"])]
 
 
 def test_async_add_returns_at_once_and_operations_wait_for_the_clone(

@@ -29,7 +29,7 @@ from artifactfs.mounts import fuse_mounts
 from artifactfs.procs import all_pids, cmdline, identify
 from artifactfs.registry import open_registry
 
-from .conftest import Artifactfs, environ_root, new_installation, wait_until
+from .conftest import Artifactfs, environ_root, follows_ready, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, git, make_many_files_repo, make_sample_repo
 from .test_async import Blocked, add_async
 from .test_jobs import HeldRemote, group_members, held, history  # noqa: F401 (held: a fixture)
@@ -76,14 +76,15 @@ def half_made(afs: Artifactfs) -> list[str]:
 
 
 def attempts(afs: Artifactfs, name: str) -> list[list[str]]:
-    """The events of each preparation attempt of `name` (phase events as phase:<phase>)."""
+    """The events of each preparation attempt of `name` (phase events as phase:<phase>), but
+    those that follow ready."""
     registry = open_registry(f"sqlite:///{afs.root / 'registry.db'}", host=afs.env["ARTIFACTFS_HOST"], busy_timeout=30)
     try:
         events = registry.events(name)
     finally:
         registry.close()
     found: list[list[str]] = []
-    for event in events:
+    for event in (e for e in events if not follows_ready(e.type)):
         if event.type in ("registered", "prepare_requested") or not found:
             found.append([])
         found[-1].append(f"phase:{event.payload['phase']}" if event.type == "phase" else event.type)

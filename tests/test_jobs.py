@@ -26,7 +26,7 @@ from artifactfs.prepare import Preparation
 from artifactfs.procs import all_pids, process_group
 from artifactfs.registry import open_registry
 
-from .conftest import PYTHON, Artifactfs, command_lines, wait_until
+from .conftest import PYTHON, Artifactfs, command_lines, follows_ready, wait_until
 from .gitremote import GitDaemon, GitHttpServer, SampleRepo, make_sample_repo
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -108,8 +108,9 @@ def events(afs: Artifactfs, name: str) -> list[dict[str, Any]]:
 
 
 def history(afs: Artifactfs, name: str) -> list[str]:
-    """Event types, with each phase event as phase:<phase>."""
-    return [f"phase:{e['payload']['phase']}" if e["type"] == "phase" else e["type"] for e in events(afs, name)]
+    """Event types, with each phase event as phase:<phase>; those that follow ready left out."""
+    return [f"phase:{e['payload']['phase']}" if e["type"] == "phase" else e["type"]
+            for e in events(afs, name) if not follows_ready(e["type"])]  # fmt: skip
 
 
 def settled(afs: Artifactfs, name: str, timeout: float = 90.0) -> dict[str, object]:
