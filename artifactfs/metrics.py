@@ -36,7 +36,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Settings
-from .model import PrepareState
+from .history import lazy_fetches
+from .model import HistoryState, PrepareState
 from .procs import is_running, read_pid_file
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ PREPARE_PHASE_SECONDS = Histogram(
 PREPARE_SECONDS = Histogram(
     "artifactfs_prepare_seconds", "Time a prepare job took, by outcome (ready, failed, retry, skipped, crashed).",
     ["outcome"], buckets=DURATION_BUCKETS,
+)  # fmt: skip
+READY_SECONDS = Histogram(
+    "artifactfs_ready_seconds",
+    "Time from a prepare job's start to its ready event (the history may still follow: see the history phase).",
+    buckets=DURATION_BUCKETS,
 )  # fmt: skip
 GATE_WAIT_SECONDS = Histogram(
     "artifactfs_gate_wait_seconds",
@@ -188,6 +194,11 @@ def observe_prepare(outcome: str, seconds: float) -> None:
 
 
 @recorded
+def observe_ready(seconds: float) -> None:
+    READY_SECONDS.observe(seconds)
+
+
+@recorded
 def observe_phase(phase: str, outcome: str, seconds: float) -> None:
     PREPARE_PHASE_SECONDS.labels(phase, outcome).observe(seconds)
 
@@ -277,10 +288,19 @@ class StackCollector:
     def _collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("artifactfs_registry_up", "Whether the registry answered this scrape (1) or not (0).")
         repos = GaugeMetricFamily("artifactfs_repositories", "Repositories of this host, by state.", labels=["state"])
+        history = GaugeMetricFamily("artifactfs_repositories_history",
+                                    "Ready repositories of this host, by the state of their history.", labels=["state"])  # fmt: skip
+        lazy = GaugeMetricFamily("artifactfs_git_lazy_fetches",
+                                 "git's own lazy fetches from the git directories of this host's repositories.")  # fmt: skip
         try:
             counts = {state.value: 0 for state in PrepareState}
+            histories = {state.value: 0 for state in HistoryState}
+            fetches = 0
             for repo in self.registry.repos():
                 counts[repo.state.value] = counts.get(repo.state.value, 0) + 1
+                if repo.state is PrepareState.READY:
+                    histories[repo.history] = histories.get(repo.history, 0) + 1
+                fetches += lazy_fetches(self.settings.repo_git_dir(repo))
         except Exception as exc:  # the registry unreachable: the other series still answer
             log.warning("metrics: could not read the registry: %s: %s", type(exc).__name__, exc)
             up.add_metric([], 0)
@@ -288,7 +308,10 @@ class StackCollector:
             up.add_metric([], 1)
             for state, count in counts.items():
                 repos.add_metric([state], count)
-            yield repos
+            for state, count in histories.items():
+                history.add_metric([state], count)
+            lazy.add_metric([], fetches)
+            yield from (repos, history, lazy)
         yield up
         mounts = GaugeMetricFamily("artifactfs_mount_processes", "Mount processes serving a mount on this host.")
         mounts.add_metric([], self._mount_processes())

@@ -28,9 +28,10 @@ from .gitstore import PREPARE_REFLOG_MESSAGE, git_env, run_git
 from .jobs import REGISTRY_PATIENCE
 from .locks import repo_lock
 from .logs import about
-from .model import ArtifactError, EventType, NewEvent, PrepareState, RefreshOutcome, RepoState, StaleAttempt
+from .history import defers_history, history_pending, one_commit_first
+from .model import ArtifactError, EventType, HistoryState, NewEvent, PrepareState, RefreshOutcome, RepoState, StaleAttempt
 from .owners import call_as, git_dir_owner
-from .prepare import Patience, fetch_head, fetch_status_blobs, record, verify_source, write_index
+from .prepare import Patience, complete_history, current_attempt, fetch_head, fetch_status_blobs, record, verify_source, write_index
 from .registry import Registry, open_registry
 from .remotes import redact, validate_name
 
@@ -44,6 +45,7 @@ class RefreshResult:
     outcome: RefreshOutcome
     head: str | None = None  # the head shown after the refresh
     detail: str = ""  # kept: why; failed: the error (redacted)
+    history: bool = False  # the fetched commit's history is still to fetch, after the event
 
     def shown(self) -> dict[str, str]:
         """The task's result, as Flower lists it."""
@@ -145,6 +147,8 @@ def refresh_repo(settings: Settings, registry: Registry, name: str, job_id: str)
             payload["previous"] = repo.head
         if result.detail:
             payload["detail"] = result.detail
+        if result.history:
+            payload["history"] = HistoryState.PENDING.value
         event = NewEvent(EventType.REFRESHED, payload, job_id=job_id, dedupe_key=f"{job_id}:refreshed")
         patience = Patience(REGISTRY_PATIENCE * settings.db_busy_timeout)
         try:
@@ -153,6 +157,17 @@ def refresh_repo(settings: Settings, registry: Registry, name: str, job_id: str)
             return None  # prepared again or removed meanwhile: that attempt says what is shown
         level = logging.WARNING if result.outcome is RefreshOutcome.FAILED else logging.INFO
         log.log(level, "%s: refresh %s%s", name, result.outcome.value, f": {result.detail}" if result.detail else "")
+        if result.history:  # the new commit is shown: now what is behind it
+            guard = current_attempt(repo.attempt_version, PrepareState.READY)
+
+            def record_history(history: dict[str, object]) -> None:
+                event = NewEvent(EventType.HISTORY, history, job_id=job_id, dedupe_key=f"{job_id}:history:{history['state']}")
+                patience.retry(lambda: record(settings, registry, name, event, guard=guard), name)
+
+            try:
+                complete_history(name, settings.repo_git_dir(repo), result.head or repo.head, git_dir_owner(repo), record_history)
+            except StaleAttempt:
+                pass  # prepared again or removed meanwhile: that attempt fetches its own
         return result
 
 
@@ -163,19 +178,31 @@ def _refresh(settings: Settings, repo: RepoState) -> RefreshResult:
     env = git_env()
     shown = repo.head or ""
     try:
-        head = call_as(owner, lambda: fetch_head(git_dir, repo.remote_url, source_ref, env, None, repo.depth))
+        head, history = call_as(owner, lambda: fetch_new_head(repo, git_dir, source_ref, env))
         at, changes = own_changes(settings, repo, git_dir)
         if head == shown and at == shown:
-            return RefreshResult(RefreshOutcome.UNCHANGED, shown)
+            return RefreshResult(RefreshOutcome.UNCHANGED, shown, history=history)
         verify_source(repo, git_dir, head, owner)
         if changes:
-            return RefreshResult(RefreshOutcome.KEPT, shown, f"{head} not shown: {changes}")
+            return RefreshResult(RefreshOutcome.KEPT, shown, f"{head} not shown: {changes}", history)
         detached, work_tree = not repo.ref.startswith("refs/heads/"), Path(repo.mount_path)
         call_as(owner, lambda: advance(git_dir, detached, at, head, work_tree, env))
     except Exception as exc:  # every refresh ends in an event: the mount keeps its commit
         message = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
         return RefreshResult(RefreshOutcome.FAILED, shown, redact(message))
-    return RefreshResult(RefreshOutcome.MOVED, head)
+    return RefreshResult(RefreshOutcome.MOVED, head, history=history)
+
+
+def fetch_new_head(repo: RepoState, git_dir: Path, source_ref: str, env: dict[str, str]) -> tuple[str, bool]:
+    """Fetch the ref's commit: one commit deep first, as a preparation does, its history behind it
+    (history.py), unless the history must be here at once; and whether history is still to fetch."""
+    def fetch(depth: int | None) -> str:
+        return fetch_head(git_dir, repo.remote_url, source_ref, env, None, depth)
+
+    if not defers_history(repo):
+        return fetch(repo.depth), False
+    head, _ = one_commit_first(fetch, git_dir, repo.head)
+    return head, history_pending(git_dir)
 
 
 def _still(before: RepoState):  # type: ignore[no-untyped-def]
