@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .model import GitError, RepoState
-from .partial.helper import HISTORY_MARKER, LAZY_FETCH_LOG, History, complete_history, pending_history
+from .partial.helper import HISTORY_MARKER, HISTORY_SHALLOW, LAZY_FETCH_LOG, History, complete_history, pending_history
 
 # What a remote says when it cannot serve a shallow fetch (dumb HTTP, some proxies and servers).
 SHALLOW_REFUSED_MARKERS = ("does not support shallow", "shallow capabilities", "shallow file has changed")
@@ -45,6 +45,10 @@ def one_commit_first(get: Callable[[int | None], str], git_dir: Path, tip: str |
     one commit deep, its history opened behind it (open_history, negotiated from `tip`); or, if
     the remote cannot serve a shallow fetch, the whole history at once. The head, and whether the
     remote refused (the caller says so in its event)."""
+    if history_pending(git_dir):
+        # A depth fetch writes git's own shallow file, so it cannot be bounded by ours: the
+        # history still missing (an earlier fetch's) is fetched first.
+        fetch_history(git_dir, None)
     try:
         head = get(1)
     except GitError as exc:
@@ -58,9 +62,11 @@ def one_commit_first(get: Callable[[int | None], str], git_dir: Path, tip: str |
 def open_history(git_dir: Path, head: str, tip: str | None) -> int:
     """After a depth-1 clone or fetch of `head`: no longer shallow, its missing parents named in
     the marker (with those an earlier fetch left missing, and `tip`, a commit whose history is
-    whole, to negotiate from); how many commits are missing."""
+    whole, to negotiate from), git's shallow file kept for our own fetches alone (shallow_args);
+    how many commits are missing."""
     import pygit2  # libgit2 never fetches: what it does not find is not here
 
+    boundary = _lines(git_dir / HISTORY_SHALLOW) | _lines(git_dir / "shallow")
     (git_dir / "shallow").unlink(missing_ok=True)
     repo = pygit2.Repository(str(git_dir))
     earlier = pending_history(git_dir)
@@ -68,7 +74,10 @@ def open_history(git_dir: Path, head: str, tip: str | None) -> int:
     missing += [str(p) for p in repo[head].parent_ids if str(p) not in repo and str(p) not in missing]
     if not missing:
         (git_dir / HISTORY_MARKER).unlink(missing_ok=True)
+        (git_dir / HISTORY_SHALLOW).unlink(missing_ok=True)
         return 0
+    # The boundary before the marker: a fetch that sees the marker finds its bound.
+    write_atomically(git_dir, HISTORY_SHALLOW, "".join(f"{oid}\n" for oid in sorted(boundary)))
     # A tip negotiates only if its history is whole: an earlier marker's tip is, the new one is
     # if nothing was missing before.
     negotiate = earlier.tip if earlier is not None else tip
@@ -76,28 +85,39 @@ def open_history(git_dir: Path, head: str, tip: str | None) -> int:
     return len(missing)
 
 
+def _lines(path: Path) -> set[str]:
+    try:
+        return set(path.read_text(encoding="ascii").split())
+    except FileNotFoundError:
+        return set()
+
+
 def write_marker(git_dir: Path, history: History) -> None:
+    write_atomically(git_dir, HISTORY_MARKER, history.text())
+
+
+def write_atomically(git_dir: Path, name: str, text: str) -> None:
     """Atomically: a helper that reads it mid-write would fetch too little."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{HISTORY_MARKER}.", dir=git_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f"{name}.", dir=git_dir)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(history.text())
+            out.write(text)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, git_dir / HISTORY_MARKER)
+        os.replace(tmp, git_dir / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def fetch_history(git_dir: Path, head: str) -> int:
+def fetch_history(git_dir: Path, head: str | None) -> int:
     """Fetch what the marker names (unless a git in the mount did first) and check that the whole
-    history of `head` is here; the number of its commits."""
+    history of `head` is here; the number of its commits (0 without a head to check)."""
     try:
         complete_history(git_dir)
     except OSError as exc:
         raise GitError(f"fetching the history failed: {exc} (see the worker's log; retry: artifactfs prepare)",
                        transient=True) from exc  # fmt: skip
-    return count_commits(git_dir, head)
+    return count_commits(git_dir, head) if head is not None else 0
 
 
 def count_commits(git_dir: Path, head: str) -> int:

@@ -46,8 +46,8 @@ from .model import (
     StaleAttempt,
 )
 from .owners import call_as, git_dir_owner, give_to
-from .partial.helper import HISTORY_LOCK
 from .partial.helper import configure as configure_lazy_fetch
+from .partial.helper import shallow_args
 from .progress import Note, Report
 from .registry import Registry
 from .remotes import redact
@@ -246,9 +246,7 @@ def clear_leftovers(git_dir: Path) -> list[Path]:
     found = [*git_dir.glob(TOP_LEVEL_LOCKS), *git_dir.glob(REF_LOCKS)]
     removed = []
     for path in found:
-        # The history's lock is no git lock file: an flock that dies with its holder, and a
-        # helper in the mount may hold it now.
-        if path.is_file() and not path.is_symlink() and path.name != HISTORY_LOCK:
+        if path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
             removed.append(path)
     removed += remove_abandoned_packs(git_dir)
@@ -271,8 +269,9 @@ def fetch_head(git_dir: Path, remote_url: str, source_ref: str, env: dict[str, s
     else:
         options, source = [], remote_url
     if depth is not None:
-        options.append(f"--depth={depth}")
-    run_git(["fetch", "--progress" if progress else "--quiet", "--no-tags", "--recurse-submodules=no", *options,
+        options.append(f"--depth={depth}")  # git writes the shallow file: none of ours (history.one_commit_first)
+    bounded = shallow_args(git_dir) if depth is None else []
+    run_git([*bounded, "fetch", "--progress" if progress else "--quiet", "--no-tags", "--recurse-submodules=no", *options,
              "--", source, source_ref], git_dir=git_dir, env=env, progress=progress)  # fmt: skip
     return run_git(["rev-parse", "--verify", "FETCH_HEAD^{commit}"], git_dir=git_dir).stdout.decode().strip()
 

@@ -185,6 +185,29 @@ def test_a_periodic_refresh_shows_the_new_commit_first_and_fetches_its_history_b
     assert git_daemon.fetch_count() == 0 and not (afs.root / "git" / "long.git" / "shallow").exists()
 
 
+def test_over_protocol_v0_the_history_follows_and_no_fetch_walks_into_it(
+    afs: Artifactfs, git_daemon: GitDaemon, served: str, full_clone: Path
+) -> None:
+    # Protocol v0 (git over a plain ssh, old servers) tells the remote what is here by walking
+    # the local history: a fetch that reached a missing parent would fetch it lazily, with a
+    # fetch that walks again, endlessly. Every git of the stack speaks v0 here.
+    afs.env.update(GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="protocol.version", GIT_CONFIG_VALUE_0="0")
+    afs.env["ARTIFACTFS_FAILPOINT"] = "phase:history"  # the mount's fetches run while it is missing
+    afs.up()
+    add_async(afs, "long", served)
+    mount = afs.wait_mounted("long", timeout=60)
+    wait_until(lambda: "long: failpoint phase:history reached" in afs.log("worker"), 60, interval=0.1, what="the failpoint")
+    kill_worker(afs)
+    git_daemon.reset_count()
+    assert (mount / HOT).read_bytes()  # a blob fetch of the mount's, bounded
+    assert ask(mount, "log", "--oneline") == ask(full_clone, "log", "--oneline")  # the history, fetched by git
+    assert git_daemon.fetch_count() <= 2, git_daemon.fetch_log()
+    del afs.env["ARTIFACTFS_FAILPOINT"]
+    afs.up()
+    wait_until(lambda: afs.status("long")["history"] == "complete", 60, interval=0.1, what="the history to be complete")
+    assert not any((afs.root / "git" / "long.git" / name).exists() for name in ("shallow", "artifactfs-shallow"))
+
+
 class DumbHttp:
     """A repository served over git's dumb HTTP protocol: no filters, no shallow fetches."""
 

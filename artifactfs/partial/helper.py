@@ -62,7 +62,8 @@ NESTED = "ARTIFACTFS_LAZY_FETCH"  # set for the git the helper runs: it never as
 # ("tip <id>"). HISTORY_LOCK serialises the fetches that complete it. LAZY_FETCH_LOG has a line
 # per lazy fetch that reached the helper: "<objects asked> <objects fetched> <history 0|1>".
 HISTORY_MARKER = "artifactfs-history"
-HISTORY_LOCK = "artifactfs-history.lock"
+HISTORY_SHALLOW = "artifactfs-shallow"  # the commits whose parents are missing (see shallow_args)
+HISTORY_LOCK = "artifactfs-history.flock"  # an flock, held while it lives: no git lock file
 LAZY_FETCH_LOG = "artifactfs-lazy-fetches"
 
 # What git's own lazy fetch runs (promisor-remote.c), for many objects at once.
@@ -268,6 +269,17 @@ def pending_history(git_dir: str | os.PathLike[str]) -> History | None:
     return History(missing, tip)
 
 
+def shallow_args(git_dir: str | os.PathLike[str]) -> list[str]:
+    """git's options for a fetch of ours into `git_dir` while its history is missing: its
+    boundary as the shallow file of that fetch alone. A fetch walks the local history from the
+    refs (protocol v0 does, to tell the remote what is here), and a walk that reaches a missing
+    parent lazily fetches it with a fetch that walks again: endlessly. Bounded there, it never
+    reaches one. Git run in the mount sees no shallow file: the whole history, fetched when it
+    walks it (complete_history)."""
+    path = os.path.join(git_dir, HISTORY_SHALLOW)
+    return ["--shallow-file", path] if os.path.exists(path) else []
+
+
 def history_fetch_args(git_dir: str | os.PathLike[str], source: str, history: History) -> list[str]:
     """The fetch of the missing history: commits and trees of every commit reachable from the
     missing ones. With no commit to negotiate from, git's lazy-fetch command (no negotiation: a
@@ -278,7 +290,7 @@ def history_fetch_args(git_dir: str | os.PathLike[str], source: str, history: Hi
     else:
         start = LAZY_FETCH_ARGS.index("fetch")
         fetch_args = (*LAZY_FETCH_ARGS[2:start], *LAZY_FETCH_ARGS[start:], f"--negotiation-tip={history.tip}")
-    return ["git", f"--git-dir={git_dir}", *(arg if arg != "origin" else source for arg in fetch_args)]
+    return ["git", f"--git-dir={git_dir}", *shallow_args(git_dir), *(arg if arg != "origin" else source for arg in fetch_args)]
 
 
 def run_fetch(args: list[str], objects: list[str]) -> None:
@@ -317,10 +329,12 @@ def complete_history(git_dir: str | os.PathLike[str], source: str = "origin", wa
         run_fetch(history_fetch_args(git_dir, source, history), [*history.missing, *(wants or [])])
         # The fetch succeeded: the remote sent the closure of the missing commits (their
         # commits and trees), so the history is whole. (artifactfs/history.py checks it again.)
-        try:
-            os.unlink(os.path.join(git_dir, HISTORY_MARKER))
-        except FileNotFoundError:
-            pass
+        # The marker first: a fetch bounded by a boundary no longer missing anything is harmless.
+        for name in (HISTORY_MARKER, HISTORY_SHALLOW):
+            try:
+                os.unlink(os.path.join(git_dir, name))
+            except FileNotFoundError:
+                pass
         return True
     finally:
         if lock is not None:
@@ -349,7 +363,7 @@ def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> Non
         objects = widen(git_dir, wants)
     except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
         objects = wants
-    args = ["git", f"--git-dir={git_dir}", *(arg if arg != "origin" else source for arg in LAZY_FETCH_ARGS)]
+    args = ["git", f"--git-dir={git_dir}", *shallow_args(git_dir), *(arg if arg != "origin" else source for arg in LAZY_FETCH_ARGS)]
     run_fetch(args, objects)
     note_lazy_fetch(git_dir, len(wants), len(objects), False)
 
