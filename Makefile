@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-git bench-walks bench-packs bench-fleet bench-history clean
+.PHONY: setup demo test bench bench-git bench-walks bench-packs bench-fleet bench-history bench-ready clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,7 @@ bench: setup
 	$(PY) bench/packs.py $(BENCH_PACKS_ARGS)
 	$(PY) bench/fleet.py $(BENCH_FLEET_ARGS)
 	$(PY) bench/history.py $(BENCH_HISTORY_ARGS)
+	$(PY) bench/ready.py $(BENCH_READY_ARGS)
 
 bench-git: setup
 	$(PY) bench/git_in_mount.py $(BENCH_GIT_ARGS)
@@ -41,6 +42,9 @@ bench-fleet: setup
 
 bench-history: setup
 	$(PY) bench/history.py $(BENCH_HISTORY_ARGS)
+
+bench-ready: setup
+	$(PY) bench/ready.py $(BENCH_READY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
