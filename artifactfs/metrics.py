@@ -76,8 +76,8 @@ PREPARE_SECONDS = Histogram(
 )  # fmt: skip
 READY_SECONDS = Histogram(
     "artifactfs_ready_seconds",
-    "Time from a prepare job's start to its ready event (the history may still follow: see the history phase).",
-    buckets=DURATION_BUCKETS,
+    "Time from a prepare job's start to its ready event, by whether the history follows it (behind) or came before (whole).",
+    ["history"], buckets=DURATION_BUCKETS,
 )  # fmt: skip
 GATE_WAIT_SECONDS = Histogram(
     "artifactfs_gate_wait_seconds",
@@ -194,8 +194,8 @@ def observe_prepare(outcome: str, seconds: float) -> None:
 
 
 @recorded
-def observe_ready(seconds: float) -> None:
-    READY_SECONDS.observe(seconds)
+def observe_ready(history_behind: bool, seconds: float) -> None:
+    READY_SECONDS.labels("behind" if history_behind else "whole").observe(seconds)
 
 
 @recorded

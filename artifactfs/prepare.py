@@ -417,7 +417,7 @@ class Preparation:
         if pending:
             payload["history"] = HistoryState.PENDING.value
         self._record(NewEvent(EventType.READY, payload, job_id=self.job_id, dedupe_key=f"{self.job_id}:ready"))
-        observe_ready(time.monotonic() - self.started)
+        observe_ready(pending, time.monotonic() - self.started)
         if pending:
             self.complete_history(head)
         return head

@@ -356,8 +356,12 @@ def note_lazy_fetch(git_dir: str | os.PathLike[str], asked: int, fetched: int, h
 def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> None:
     """Fetch `wants`, widened, from `source` in one transaction; as asked if widening fails. While
     history is incomplete, the history comes first, with `wants`, in that one transaction."""
-    if pending_history(git_dir) is not None and complete_history(git_dir, source, wants):
-        note_lazy_fetch(git_dir, len(wants), len(wants), True)
+    if pending_history(git_dir) is not None:
+        if complete_history(git_dir, source, wants):
+            note_lazy_fetch(git_dir, len(wants), len(wants), True)
+        # Else the history came while we waited for it (the worker's fetch): what git asked for
+        # is in it, a walk's missing commit. Planning a widened fetch would walk the history
+        # just fetched, for nothing; anything still missing git fetches from origin, as asked.
         return
     try:
         objects = widen(git_dir, wants)
