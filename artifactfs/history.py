@@ -46,9 +46,12 @@ def one_commit_first(get: Callable[[int | None], str], git_dir: Path, tip: str |
     the remote cannot serve a shallow fetch, the whole history at once. The head, and whether the
     remote refused (the caller says so in its event)."""
     if history_pending(git_dir):
-        # A depth fetch writes git's own shallow file, so it cannot be bounded by ours: the
-        # history still missing (an earlier fetch's) is fetched first.
-        fetch_history(git_dir, None)
+        # History still missing (an attempt stopped before its history fetch): a depth fetch
+        # would write git's own shallow file, so it cannot be bounded by ours; a fetch of the
+        # whole ref bounded by ours brings the commits from the boundary to the head alone.
+        head = get(None)
+        open_history(git_dir, head, tip)
+        return head, False
     try:
         head = get(1)
     except GitError as exc:
@@ -109,15 +112,15 @@ def write_atomically(git_dir: Path, name: str, text: str) -> None:
         raise
 
 
-def fetch_history(git_dir: Path, head: str | None) -> int:
+def fetch_history(git_dir: Path, head: str) -> int:
     """Fetch what the marker names (unless a git in the mount did first) and check that the whole
-    history of `head` is here; the number of its commits (0 without a head to check)."""
+    history of `head` is here; the number of its commits."""
     try:
         complete_history(git_dir)
     except OSError as exc:
         raise GitError(f"fetching the history failed: {exc} (see the worker's log; retry: artifactfs prepare)",
                        transient=True) from exc  # fmt: skip
-    return count_commits(git_dir, head) if head is not None else 0
+    return count_commits(git_dir, head)
 
 
 def count_commits(git_dir: Path, head: str) -> int:
