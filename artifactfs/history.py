@@ -89,8 +89,10 @@ def open_history(git_dir: Path, head: str, tip: str | None) -> int:
 
 
 def _lines(path: Path) -> set[str]:
+    # utf-8, never ascii: its codec is always loaded, and a child that became the repository's
+    # owner (owners.call_as) may not be able to import another.
     try:
-        return set(path.read_text(encoding="ascii").split())
+        return set(path.read_text(encoding="utf-8").split())
     except FileNotFoundError:
         return set()
 
@@ -103,7 +105,7 @@ def write_atomically(git_dir: Path, name: str, text: str) -> None:
     """Atomically: a helper that reads it mid-write would fetch too little."""
     fd, tmp = tempfile.mkstemp(prefix=f"{name}.", dir=git_dir)
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as out:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, git_dir / name)

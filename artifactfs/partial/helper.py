@@ -253,7 +253,7 @@ class History:
 def pending_history(git_dir: str | os.PathLike[str]) -> History | None:
     """What the marker says is missing, or None: the history here is whole."""
     try:
-        with open(os.path.join(git_dir, HISTORY_MARKER), encoding="ascii") as marker:
+        with open(os.path.join(git_dir, HISTORY_MARKER), encoding="utf-8") as marker:
             lines = marker.read().split("\n")
     except FileNotFoundError:
         return None
