@@ -31,7 +31,8 @@ from .logs import about
 from .history import defers_history, history_pending, one_commit_first
 from .model import ArtifactError, EventType, HistoryState, NewEvent, PrepareState, RefreshOutcome, RepoState, StaleAttempt
 from .owners import call_as, git_dir_owner
-from .prepare import Patience, complete_history, current_attempt, fetch_head, fetch_status_blobs, record, verify_source, write_index
+from .prepare import (Patience, complete_history, current_attempt, fetch_head, fetch_status_blobs, record, validate_remote,
+                      verify_source, write_index)
 from .registry import Registry, open_registry
 from .remotes import redact, validate_name
 
@@ -201,6 +202,10 @@ def fetch_new_head(repo: RepoState, git_dir: Path, source_ref: str, env: dict[st
 
     if not defers_history(repo):
         return fetch(repo.depth), False
+    # A depth-1 fetch of a commit that is here sends it again, with every tree of it, since the
+    # repository is not shallow: an unchanged ref is told by the remote's advertisement alone.
+    if repo.head is not None and validate_remote(repo.remote_url, source_ref, None) == repo.head:
+        return repo.head, history_pending(git_dir)
     head, _ = one_commit_first(fetch, git_dir, repo.head)
     return head, history_pending(git_dir)
 
