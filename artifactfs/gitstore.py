@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from .credentials import Credential, helper_command, write_credential_file
 from .model import GitError, InvalidInput, RefNotFound, RemoteUnreachable
-from .partial.helper import LAZY_FETCH_ARGS, shallow_args
+from .partial.helper import LAZY_FETCH_ARGS, fetch_command, shallow_args
 from .procs import open_files
 from .progress import git_progress
 from .remotes import Remote, redact
@@ -289,7 +289,7 @@ def configure_credential_helper(git_dir: Path, credential_file: Path) -> None:
 
 
 def batch_fetch_command(git_dir: Path) -> list[str]:
-    return ["git", f"--git-dir={git_dir}", *shallow_args(git_dir), *LAZY_FETCH_ARGS]
+    return fetch_command(git_dir, "origin")
 
 
 def fetch_objects(git_dir: Path, oids: Sequence[str], env: dict[str, str], timeout: float | None = None) -> int:

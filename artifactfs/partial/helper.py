@@ -60,7 +60,7 @@ NESTED = "ARTIFACTFS_LAZY_FETCH"  # set for the git the helper runs: it never as
 # In the git directory: while HISTORY_MARKER is there, history is incomplete; it names the missing
 # commits ("missing <id>" lines) and, if any, a commit whose history is whole, to negotiate from
 # ("tip <id>"). HISTORY_LOCK serialises the fetches that complete it. LAZY_FETCH_LOG has a line
-# per lazy fetch that reached the helper: "<objects asked> <objects fetched> <history 0|1>".
+# per fetch the helper made for git: "<objects asked> <objects fetched> <history 0|1>".
 HISTORY_MARKER = "artifactfs-history"
 HISTORY_SHALLOW = "artifactfs-shallow"  # the commits whose parents are missing (see shallow_args)
 HISTORY_LOCK = "artifactfs-history.flock"  # an flock, held while it lives: no git lock file
@@ -290,6 +290,12 @@ def history_fetch_args(git_dir: str | os.PathLike[str], source: str, history: Hi
     else:
         start = LAZY_FETCH_ARGS.index("fetch")
         fetch_args = (*LAZY_FETCH_ARGS[2:start], *LAZY_FETCH_ARGS[start:], f"--negotiation-tip={history.tip}")
+    return fetch_command(git_dir, source, fetch_args)
+
+
+def fetch_command(git_dir: str | os.PathLike[str], source: str, fetch_args: tuple[str, ...] = LAZY_FETCH_ARGS) -> list[str]:
+    """git running `fetch_args` in `git_dir` from `source` (origin's name or URL), bounded while
+    the history is missing (shallow_args)."""
     return ["git", f"--git-dir={git_dir}", *shallow_args(git_dir), *(arg if arg != "origin" else source for arg in fetch_args)]
 
 
@@ -367,8 +373,7 @@ def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> Non
         objects = widen(git_dir, wants)
     except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
         objects = wants
-    args = ["git", f"--git-dir={git_dir}", *shallow_args(git_dir), *(arg if arg != "origin" else source for arg in LAZY_FETCH_ARGS)]
-    run_fetch(args, objects)
+    run_fetch(fetch_command(git_dir, source), objects)
     note_lazy_fetch(git_dir, len(wants), len(objects), False)
 
 
