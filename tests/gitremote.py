@@ -39,7 +39,7 @@ import weakref
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Mapping, Self
+from typing import Callable, Iterable, Mapping, Self
 
 __all__ = [
     "SampleRepo",
@@ -464,19 +464,31 @@ def make_history_repo(dest_dir: Path, name: str = "history", commits: int = 120,
     content: dict[str, bytes] = {"README.md": f"# {name}\n".encode(), "src/still.py": b"STILL = True\n",
                                  ".gitignore": b"*.pyc\n"}
     lines = [f"line {i}: the first version\n" for i in range(20)]
+
+    def changes(n: int) -> dict[str, bytes]:
+        lines.append(f"line {len(lines)}: added by commit {n}\n")
+        lines[(7 * n) % len(lines)] = f"line {(7 * n) % len(lines)}: rewritten by commit {n}\n"
+        made = {hot: "".join(lines).encode()}
+        if n % 10 == 0:
+            made[f"docs/note-{n // 10}.txt"] = f"note written by commit {n}\n".encode()
+        return made
+
+    return _linear_history(bare, content, commits, changes)
+
+
+def _linear_history(bare: Path, content: dict[str, bytes], commits: int,
+                    changes: Callable[[int], dict[str, bytes]]) -> SampleRepo:  # fmt: skip
+    """``commits`` commits on main of ``bare``, in one ``git fast-import`` run: the first adds
+    ``content``, and commit ``n`` writes ``changes(n)``."""
     fi = _FastImport()
     parent: str | None = None
     marks = []
     for n in range(commits):
-        lines.append(f"line {len(lines)}: added by commit {n}\n")
-        lines[(7 * n) % len(lines)] = f"line {(7 * n) % len(lines)}: rewritten by commit {n}\n"
-        changes = {hot: "".join(lines).encode()}
-        if n % 10 == 0:
-            changes[f"docs/note-{n // 10}.txt"] = f"note written by commit {n}\n".encode()
+        made: dict[str, bytes | None] = dict(changes(n))
         if n == 0:
-            changes.update(content)
-        content.update(changes)
-        parent = fi.commit("refs/heads/main", f"Change {n}\n", BASE_TIME + n * TIME_STEP, parent, _changes(changes))
+            made.update(content)
+        content.update({k: v for k, v in made.items() if v is not None})
+        parent = fi.commit("refs/heads/main", f"Change {n}\n", BASE_TIME + n * TIME_STEP, parent, _changes(made))
         marks.append(parent)
     shas = fi.run(bare)
     history = [shas[m] for m in marks]
@@ -494,24 +506,16 @@ def make_long_history_repo(dest_dir: Path, name: str = "long", commits: int = 20
     content: dict[str, bytes] = {"README.md": f"# {name}\n".encode(), ".gitignore": b"*.pyc\n"}
     hot_lines = [f"line {i}: the first version\n" for i in range(10)]
     every = max(commits // hot_changes, 1)
-    fi = _FastImport()
-    parent: str | None = None
-    marks = []
-    for n in range(commits):
-        changes: dict[str, bytes | None] = {f"log/{n % spread:03d}/entry.txt": f"written by commit {n}\n".encode()}
+
+    def changes(n: int) -> dict[str, bytes]:
+        made = {f"log/{n % spread:03d}/entry.txt": f"written by commit {n}\n".encode()}
         if n % every == 0 and n // every < hot_changes:
             hot_lines.append(f"line {len(hot_lines)}: added by commit {n}\n")
             hot_lines[(3 * n) % len(hot_lines)] = f"line {(3 * n) % len(hot_lines)}: rewritten by commit {n}\n"
-            changes[hot] = "".join(hot_lines).encode()
-        if n == 0:
-            changes.update(content)
-        content.update({k: v for k, v in changes.items() if v is not None})
-        parent = fi.commit("refs/heads/main", f"Change {n}\n", BASE_TIME + n * TIME_STEP, parent, _changes(changes))
-        marks.append(parent)
-    shas = fi.run(bare)
-    history = [shas[m] for m in marks]
-    return SampleRepo(bare=bare, head=history[-1], files=content, executables=set(), symlinks={},
-                      gitlinks={}, branches={"main": history[-1]}, history=history)
+            made[hot] = "".join(hot_lines).encode()
+        return made
+
+    return _linear_history(bare, content, commits, changes)
 
 
 def add_commit(sample: SampleRepo, files: dict[str, bytes | None], message: str,
