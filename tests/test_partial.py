@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from artifactfs.partial.helper import walk_limit
+
 from .conftest import Artifactfs
 from .gitremote import GitDaemon, SampleRepo, git, make_history_repo
 
@@ -177,6 +179,29 @@ def test_git_in_the_mount_fetches_a_history_walk_in_a_few_transactions(afs: Arti
     git("clone", "-q", "--bare", "--filter=blob:none", git_daemon.url("history.git"), str(plain))
     _, transactions = lazy_fetches(git_daemon, plain, *operations["blame"])
     assert transactions == 60  # one per version: what the helper spares
+
+
+@pytest.mark.parametrize(("argv", "limit"), [
+    ("git -c core.abbrev=12 log -p -20", 20), ("git log -n 5", 5), ("git log -n7 -p", 7),
+    ("git -C /src show -2", 2), ("git log --max-count=3 --max-count 9", 9),  # the last one, as in git
+    ("git log -p", None), ("git blame -20 f", None), ("git log -p -- -20", None), ("git log -0", None),
+])  # fmt: skip
+def test_the_asking_commands_limit_is_read_as_git_reads_it(argv: str, limit: int | None) -> None:
+    assert walk_limit(argv.split()) == limit
+
+
+def test_a_limited_log_fetches_the_changes_of_its_commits_alone(git_daemon: GitDaemon, history: SampleRepo,
+                                                                added: Path) -> None:  # fmt: skip
+    """`log -p -5` reads five commits' changes: the helper, told so by the asking git's command
+    line, widens to those and not to the 64 commits a walk of unknown length gets."""
+    args = ("log", "-p", "-5", "--format=%H")
+    out, transactions = lazy_fetches(git_daemon, added, *args)
+    assert out == git(*args, cwd=history.bare).stdout.decode()
+    assert transactions == 1
+    raw = git_out(history.bare, "log", "-5", "--raw", "--no-abbrev", "--format=")
+    both_sides = {oid for line in raw.splitlines() for oid in line.split()[2:4] if oid.strip("0")}
+    asked, fetched, history_first = (added / "artifactfs-lazy-fetches").read_text().split()
+    assert (int(fetched), history_first) == (len(both_sides), "0"), (asked, fetched)
 
 
 def test_a_broken_helper_costs_speed_not_results(afs: Artifactfs, git_daemon: GitDaemon, history: SampleRepo,

@@ -21,6 +21,8 @@ objects it wants, and the helper widens a small request (a walk's) to what the w
   change introduced each, and its path);
 - adds every version of those paths from there back (what blame and `log -p PATH` read), then
   both sides of every change of the commits that follow in the walk (what `log -p` reads next);
+- no further than the asking git will read, when its command line (our ancestor's, in /proc)
+  limits its walk: `log -p -20` gets the changes of 20 commits, not of 64;
 - and fetches all of it from the real remote in one transaction, with the command git's own lazy
   fetch runs, into a promisor pack. The objects are the remote's: git's output is unchanged.
 
@@ -201,11 +203,77 @@ class Collector:
         return True
 
 
-def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Limits()) -> list[str]:
-    """`wants`, then what the walk that asked for them will need next."""
+# git's global options that take their value as the next argument (git.c, handle_options)
+GIT_OPTIONS_WITH_VALUE = frozenset(("-c", "-C", "--git-dir", "--work-tree", "--namespace", "--exec-path",
+                                    "--config-env", "--super-prefix", "--list-cmds", "--attr-source"))  # fmt: skip
+WALKING_COMMANDS = frozenset(("log", "show", "whatchanged"))  # what reads each commit's changes in turn
+
+
+def walk_limit(argv: list[str]) -> int | None:
+    """The number of commits the git command `argv` reads at most, when it says so: `log -20`,
+    `-n 20`, `-n20`, `--max-count=20` or `--max-count 20` (the last one given counts, as in git);
+    None for any other command, or no limit. A log stops there, so fetching the changes of
+    commits beyond it would be paid for and never read."""
+    index = 1
+    while index < len(argv) and argv[index].startswith("-"):  # git's own options, before the command
+        index += 2 if argv[index] in GIT_OPTIONS_WITH_VALUE else 1
+    if index >= len(argv) or argv[index] not in WALKING_COMMANDS:
+        return None
+    limit: int | None = None
+    args = iter(argv[index + 1:])
+    for arg in args:
+        if arg == "--":
+            break
+        value: str | None = None
+        if arg in ("-n", "--max-count"):
+            value = next(args, None)
+        elif arg.startswith("--max-count="):
+            value = arg.partition("=")[2]
+        elif arg.startswith("-n") or (arg.startswith("-") and arg[1:].isdigit()):
+            value = arg[2:] if arg.startswith("-n") else arg[1:]
+        if value is not None and value.isdigit():
+            limit = int(value) or None  # -0 and -n0 read nothing, and ask for nothing either
+    return limit
+
+
+def process_argv(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().decode("utf-8", "surrogateescape").split("\0")[:-1]
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return int(stat.read().rpartition(b")")[2].split()[1])  # the name in parentheses may hold spaces
+
+
+def asking_command(max_depth: int = 6) -> list[str] | None:
+    """The command line of the git whose lazy fetch this is: the first of our ancestors above the
+    fetch that git ran for it (`git fetch ... --stdin`, which runs `git remote-artifactfs`, which
+    runs us through a shell). None where /proc cannot tell."""
+    try:
+        pid = os.getppid()
+        seen_fetch = False
+        for _ in range(max_depth):
+            argv = process_argv(pid)
+            if seen_fetch and argv and os.path.basename(argv[0]) == "git":
+                return argv
+            seen_fetch = seen_fetch or ("fetch" in argv and "--stdin" in argv)
+            pid = parent_of(pid)
+            if pid <= 1:
+                return None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Limits(),
+          walk: int | None = None) -> list[str]:  # fmt: skip
+    """`wants`, then what the walk that asked for them will need next: `walk` commits at most,
+    counting the one that asked (its asker's limit, walk_limit), or the Limits."""
     wanted = list(dict.fromkeys(wants))
     if len(wanted) > limits.small_request:
         return wanted
+    next_commits = min(limits.next_commits, walk or limits.next_commits)
     unlocated = set(wanted)
     paths: dict[str, None] = {}
     start: str | None = None
@@ -218,18 +286,19 @@ def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Li
                 start = start or commit.oid
         if start is not None:
             following.append(commit)
-        if (not unlocated and len(following) >= limits.next_commits) or scanned >= limits.scan_commits:
+        if (not unlocated and len(following) >= next_commits) or scanned >= limits.scan_commits:
             break
     if start is None:
         return wanted
     more = Collector(wanted, limits.total)
     versions = 0
-    for commit in commits(git_dir, start, "--", *paths):  # every version of the paths, back
+    bounded = [f"--max-count={walk}"] if walk is not None else []  # a limited log reads no further back
+    for commit in commits(git_dir, *bounded, start, "--", *paths):  # every version of the paths, back
         for _, before, after in commit.changes:
             versions += more.add(after) + more.add(before)
         if versions >= limits.path_versions or more.full:
             break
-    for commit in following[: limits.next_commits]:  # what log -p reads next
+    for commit in following[:next_commits]:  # what log -p reads next
         for _, before, after in commit.changes:
             more.add(before)
             more.add(after)
@@ -370,7 +439,8 @@ def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> Non
         # just fetched, for nothing; anything still missing git fetches from origin, as asked.
         return
     try:
-        objects = widen(git_dir, wants)
+        asker = asking_command()
+        objects = widen(git_dir, wants, walk=walk_limit(asker) if asker else None)
     except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
         objects = wants
     run_fetch(fetch_command(git_dir, source), objects)
