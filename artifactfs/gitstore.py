@@ -368,3 +368,9 @@ def hydration_stats(git_dir: Path) -> HydrationStats:
             blobs += 1
             size += int(n)
     return HydrationStats(blobs, size)
+
+
+def check_git_dir(path: Path) -> None:
+    """A prepared git directory must exist and be a git directory (not a work tree)."""
+    if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
+        raise InvalidInput(f"{path} is not a git directory (expected HEAD and objects/ inside it)")

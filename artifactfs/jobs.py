@@ -32,7 +32,8 @@ from .locks import repo_lock
 from .logs import about
 from .metrics import ErrorKind, count_error, observe_prepare
 from .model import ArtifactError, GitError, HistoryState, Phase, PrepareState, PrepareTimeout, RegistryBusy, RepoState, StaleAttempt
-from .prepare import Patience, Preparation, fail_attempt
+from .attempts import Patience, fail_attempt
+from .prepare import Preparation
 from .procs import all_pids, parent_pid
 from .progress import Publisher
 from .registry import Registry, open_registry

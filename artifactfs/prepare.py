@@ -18,14 +18,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from .attempts import Patience, current_attempt, record
 from .config import Settings
 from .fs.fsmonitor import add_index_extensions, base_token, fsmonitor_extension, hook_command
 from .fs.untracked_cache import PER_DIRECTORY_EXCLUDES, tree_of_directories, untracked_extension
-from .gitstore import PREPARE_REFLOG_MESSAGE, clone_blobless, fetch_objects, git_env, remove_abandoned_packs, run_git
+from .gitstore import PREPARE_REFLOG_MESSAGE, check_git_dir, clone_blobless, fetch_objects, git_env, remove_abandoned_packs, run_git
 from .history import count_commits, defers_history, fetch_history, history_pending, one_commit_first
 from .logs import set_context as set_log_context
 from .metrics import PhaseClock, observe_ready
@@ -51,84 +53,8 @@ from .partial.helper import shallow_args
 from .progress import Note, Report
 from .registry import Registry
 from .remotes import redact
-from .wakeup import publish
 
 log = logging.getLogger("artifactfs.prepare")
-
-T = TypeVar("T")
-
-
-def announce(settings: Settings, name: str) -> None:
-    """Wake whoever follows the log (mountd); losing this message only delays them."""
-    publish(settings.wakeup_url, name)
-
-
-Guard = Callable[[RepoState | None], None]
-
-
-def current_attempt(attempt_version: int, state: PrepareState = PrepareState.PREPARING) -> Guard:
-    """Refuse to append for an attempt that a newer one (or a removal) has superseded, or that is
-    no longer in `state` (a history fetch appends to a ready attempt)."""
-
-    def guard(repo: RepoState | None) -> None:
-        if repo is None or repo.attempt_version != attempt_version or repo.state is not state:
-            raise StaleAttempt("this preparation attempt was superseded (a newer attempt, or a removal)")
-
-    return guard
-
-
-def record(settings: Settings, registry: Registry, name: str, *events: NewEvent, guard: Guard | None = None) -> None:
-    """Append events (after `guard` approved the current state) and wake mountd."""
-
-    def decide(repo: RepoState | None) -> list[NewEvent]:
-        if guard is not None:
-            guard(repo)
-        return list(events)
-
-    registry.append(name, decide)
-    announce(settings, name)
-
-
-@dataclass(frozen=True)
-class Patience:
-    """How long to keep trying a registry that answers RegistryBusy (locked by another writer past
-    the busy timeout, or its server unreachable): again after 0.5 s, 1 s, 2 s, ... (at most
-    `max_delay` apart) until `seconds` have passed, then RegistryBusy goes to the caller. Every
-    append that is retried carries a dedupe key or is guarded, so trying again is harmless.
-    The default, no patience, is the CLI's: it reports a busy registry at once."""
-
-    seconds: float = 0.0
-    first_delay: float = 0.5
-    max_delay: float = 15.0
-
-    def retry(self, action: Callable[[], T], what: str) -> T:
-        deadline = time.monotonic() + self.seconds
-        delay = self.first_delay
-        while True:
-            try:
-                return action()
-            except RegistryBusy as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("%s: the registry is busy, trying again in %gs: %s", what, delay, redact(str(exc)))
-                time.sleep(delay)
-                delay = min(delay * 2, self.max_delay)
-
-
-def fail_attempt(
-    settings: Settings, registry: Registry, repo: RepoState, error: str, *, dedupe_key: str, job_id: str | None = None
-) -> bool:
-    """Record that `repo`'s current attempt failed (a redacted error); False if it was superseded."""
-    try:
-        record(
-            settings, registry, repo.name,
-            NewEvent(EventType.FAILED, {"error": redact(error)}, job_id=job_id, dedupe_key=dedupe_key),
-            guard=current_attempt(repo.attempt_version),
-        )  # fmt: skip
-    except StaleAttempt:
-        return False
-    return True
-
 
 def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> str:
     """Name an unreachable remote or a missing ref plainly, before any clone starts."""
@@ -146,7 +72,10 @@ def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> 
     raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
 
 
-def write_index(git_dir: Path, head: str, work_tree: Path) -> None:
+TreeEntry = tuple[bytes, bytes, bytes]  # (type, id, path), as ls-tree names them
+
+
+def write_index(git_dir: Path, head: str, work_tree: Path, entries: list[TreeEntry] | None = None) -> None:
     """An index of the commit's tree, every entry valid for git's file system monitor, and the
     untracked cache of a work tree with no untracked file.
 
@@ -163,7 +92,7 @@ def write_index(git_dir: Path, head: str, work_tree: Path) -> None:
     run_git(["config", "core.fsmonitor", hook_command()], git_dir=git_dir)
     run_git(["config", "core.untrackedCache", "true"], git_dir=git_dir)
     object_format = run_git(["rev-parse", "--show-object-format"], git_dir=git_dir).stdout.decode().strip()
-    entries = tree_entries(git_dir, head)
+    entries = tree_entries(git_dir, head) if entries is None else entries
     directories = [path for kind, _, path in entries if kind == b"tree"]
     gitignores = {parent(path): bytes.fromhex(oid.decode()) for kind, oid, path in entries
                   if kind == b"blob" and path.rsplit(b"/", 1)[-1] == PER_DIRECTORY_EXCLUDES}  # fmt: skip
@@ -196,7 +125,7 @@ STATUS_NAMES = frozenset({b".gitignore", b".gitattributes"})  # at any depth
 STATUS_TOP_LEVEL = frozenset({b".gitmodules"})
 
 
-def tree_entries(git_dir: Path, head: str) -> list[tuple[bytes, bytes, bytes]]:
+def tree_entries(git_dir: Path, head: str) -> list[TreeEntry]:
     """(type, id, path) of every tree, blob and submodule of the commit. Trees only: a blobless
     clone answers without fetching."""
     out = run_git(["ls-tree", "-r", "-t", "-z", "--full-tree", head], git_dir=git_dir).stdout
@@ -209,21 +138,34 @@ def tree_entries(git_dir: Path, head: str) -> list[tuple[bytes, bytes, bytes]]:
     return found
 
 
-def status_blobs(git_dir: Path, head: str) -> list[str]:
-    """The blob ids at `head` that `git status` reads: every .gitignore and .gitattributes, and
-    .gitmodules at the top."""
-    return [oid.decode() for kind, oid, path in tree_entries(git_dir, head)
+def status_blobs(git_dir: Path, head: str, entries: list[TreeEntry] | None = None) -> list[str]:
+    """The blob ids at `head` (of its `entries`, if read already) that `git status` reads: every
+    .gitignore and .gitattributes, and .gitmodules at the top."""
+    return [oid.decode() for kind, oid, path in (tree_entries(git_dir, head) if entries is None else entries)
             if kind == b"blob" and (path.rsplit(b"/", 1)[-1] in STATUS_NAMES or path in STATUS_TOP_LEVEL)]  # fmt: skip
 
 
-def fetch_status_blobs(git_dir: Path, head: str, env: dict[str, str]) -> int:
+def fetch_status_blobs(git_dir: Path, head: str, env: dict[str, str], entries: list[TreeEntry] | None = None) -> int:
     """Fetch the blobs `git status` reads that are missing, all in one transaction; return how
     many were fetched.
     Done before `ready`, so that no status in the mount ever waits on the network for them."""
     import pygit2  # libgit2 answers "is it here?" without git's lazy fetch
 
     odb = pygit2.Repository(str(git_dir)).odb
-    return fetch_objects(git_dir, [oid for oid in status_blobs(git_dir, head) if not odb.exists(oid)], env)
+    return fetch_objects(git_dir, [oid for oid in status_blobs(git_dir, head, entries) if not odb.exists(oid)], env)
+
+
+def prepare_work_tree(git_dir: Path, head: str, work_tree: Path, env: dict[str, str]) -> bool:
+    """What the mount and `git status` need of `head`: the lazy-fetch helper, the index, and the
+    blobs a status reads, fetched while the index is written (the network and the disk at once,
+    and the tree listed once for both). True for a partial clone."""
+    partial = configure_lazy_fetch(git_dir)
+    entries = tree_entries(git_dir, head)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fetched = pool.submit(fetch_status_blobs, git_dir, head, env, entries)
+        write_index(git_dir, head, work_tree, entries)
+        fetched.result()
+    return partial
 
 
 # Lock files git leaves behind when it is killed while writing: the index, the config, HEAD,
@@ -315,12 +257,6 @@ def move_branch(git_dir: Path, ref: str, head: str) -> None:
         run_git(["update-ref", *message, "--no-deref", "HEAD", head], git_dir=git_dir)
 
 
-def check_git_dir(path: Path) -> None:
-    """A prepared git directory must exist and be a git directory (not a work tree)."""
-    if not (path / "HEAD").is_file() or not (path / "objects").is_dir():
-        raise InvalidInput(f"{path} is not a git directory (expected HEAD and objects/ inside it)")
-
-
 def complete_history(name: str, git_dir: Path, head: str, owner: Owner | None,
                      record_history: Callable[[dict[str, object]], None],
                      started: Callable[[], None] = lambda: None) -> None:  # fmt: skip
@@ -387,22 +323,20 @@ class Preparation:
         source_ref = repo.fetch_ref or repo.ref
         owner = self.owner
         self.phase(Phase.VALIDATE)
-        validate_remote(repo.remote_url, source_ref, self.credential_file)
-        if repo.prepared_gitdir:
-            check_git_dir(git_dir)
-            head = self._fetch(git_dir, source_ref)
-        elif (git_dir / "HEAD").is_file():
-            call_as(owner, lambda: len(clear_leftovers(git_dir)))  # we hold the lock: see clear_leftovers
-            head = self._fetch(git_dir, source_ref)  # a retry or refresh: the clone is there
-        else:
-            self._discard_temporaries()
-            self.phase(Phase.CLONE)
-            head = self._clone(git_dir)
+        # The check runs beside the clone or fetch instead of before it, which it would delay by
+        # a round trip to the remote; when they fail, its error says plainly why (an unreachable
+        # remote, a missing ref), and it is the one raised.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            checked = pool.submit(validate_remote, repo.remote_url, source_ref, self.credential_file)
+            try:
+                head = self._clone_or_fetch(git_dir, source_ref)
+            except Exception:
+                checked.result()
+                raise
         self.phase(Phase.INDEX)
         env = git_env(self.credential_file)
         work_tree = Path(repo.mount_path)
-        partial = call_as(owner, lambda: (write_index(git_dir, head, work_tree), configure_lazy_fetch(git_dir),
-                                          fetch_status_blobs(git_dir, head, env))[1])  # fmt: skip
+        partial = call_as(owner, lambda: prepare_work_tree(git_dir, head, work_tree, env))
         self.phase(Phase.PUBLISH)
         payload: dict[str, object] = {"head": head}
         if not partial and not repo.prepared_gitdir:
@@ -421,6 +355,18 @@ class Preparation:
         if pending:
             self.complete_history(head)
         return head
+
+    def _clone_or_fetch(self, git_dir: Path, source_ref: str) -> str:
+        """The commit to show, here: cloned, or fetched into the git directory there already."""
+        if self.repo.prepared_gitdir:
+            check_git_dir(git_dir)
+            return self._fetch(git_dir, source_ref)
+        if (git_dir / "HEAD").is_file():
+            call_as(self.owner, lambda: len(clear_leftovers(git_dir)))  # we hold the lock: see clear_leftovers
+            return self._fetch(git_dir, source_ref)  # a retry or refresh: the clone is there
+        self._discard_temporaries()
+        self.phase(Phase.CLONE)
+        return self._clone(git_dir)
 
     def complete_history(self, head: str) -> None:
         """The history behind a ready repository, fetched and checked, with its events."""

@@ -31,8 +31,8 @@ from .logs import about
 from .history import defers_history, history_pending, one_commit_first
 from .model import ArtifactError, EventType, HistoryState, NewEvent, PrepareState, RefreshOutcome, RepoState, StaleAttempt
 from .owners import call_as, git_dir_owner
-from .prepare import (Patience, complete_history, current_attempt, fetch_head, fetch_status_blobs, record, validate_remote,
-                      verify_source, write_index)
+from .attempts import Patience, current_attempt, record
+from .prepare import complete_history, fetch_head, fetch_status_blobs, tree_entries, validate_remote, verify_source, write_index
 from .registry import Registry, open_registry
 from .remotes import redact, validate_name
 
@@ -123,12 +123,13 @@ def advance(git_dir: Path, detached: bool, at: str, head: str, work_tree: Path, 
     compare-and-swap, so a commit made in the mount since the check makes it fail rather than be
     overwritten; an index that cannot be written (git in the mount holds index.lock) puts HEAD
     back. The reflog names the move as preparation's, so the mount leaves it to mountd."""
-    fetch_status_blobs(git_dir, head, env)
+    entries = tree_entries(git_dir, head)
+    fetch_status_blobs(git_dir, head, env, entries)
     how = ["--no-deref"] if detached else []
     if at != head:
         run_git(["update-ref", *how, "-m", PREPARE_REFLOG_MESSAGE, "HEAD", head, at], git_dir=git_dir)
     try:
-        write_index(git_dir, head, work_tree)
+        write_index(git_dir, head, work_tree, entries)
     except BaseException:
         if at != head:
             run_git(["update-ref", *how, "-m", PREPARE_REFLOG_MESSAGE, "HEAD", at, head], git_dir=git_dir, check=False)

@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .attempts import announce, fail_attempt, record
 from .config import Settings
-from .gitstore import configure_credential_helper, hydration_stats, store_credentials
+from .gitstore import check_git_dir, configure_credential_helper, hydration_stats, store_credentials
 from .history import lazy_fetches
 from .locks import repo_lock
 from .model import (
@@ -34,7 +35,6 @@ from .model import (
 )
 from .mounts import check_mount_path, fuse_mounts, is_mounted, is_stale, resolve_outside, unmount, under
 from .owners import lookup_owner
-from .prepare import Preparation, announce, check_git_dir, fail_attempt, record
 from .progress import Note, Report
 from .progress import channel as progress_channel
 from .progress import parse as parse_note
@@ -301,6 +301,8 @@ def add_repo(settings: Settings, registry: Registry, req: AddRequest, report: Re
         try:
             if credential_file is not None:
                 store_credentials(req.remote, credential_file)
+            from .prepare import Preparation  # git, libgit2 and the metrics: only where one runs here
+
             Preparation(settings, registry, registry.require(req.name), job_id, credential_file, report=report).run()
         except StaleAttempt:
             raise  # `prepare` handed it to a worker meanwhile: the registration is the worker's now
@@ -509,6 +511,8 @@ def _prepare_here(settings: Settings, registry: Registry, name: str, report: Rep
                 # A clone made by an older version asks git's store helper, which forgets the
                 # credential at the first 401: ask ours instead.
                 configure_credential_helper(settings.repo_git_dir(repo), credential_file)
+            from .prepare import Preparation
+
             head = Preparation(settings, registry, repo, job_id, credential_file, report=report).run()
         except StaleAttempt:
             raise

@@ -39,7 +39,7 @@ from artifactfs.logs import about
 from artifactfs.metrics import ErrorKind, count_error
 from artifactfs.model import ArtifactError, EventType, MountRefused, PrepareState, RepoState, utcnow
 from artifactfs.mounts import check_mount_path, is_mounted, is_stale, unmount, under
-from artifactfs.prepare import fail_attempt
+from artifactfs.attempts import fail_attempt
 from artifactfs.refresh import publish_refresh, slot
 from artifactfs.procs import ProcessId, cmdline, identify, is_running, read_pid_file, write_pid_file
 from artifactfs.registry import Registry
@@ -260,9 +260,11 @@ class MountDaemon:
         for name in list(self.children):
             self._guarded(name, self._check_child, name, repos.get(name), now)
         for name, repo in repos.items():
+            # The job first: the worker clones while the placeholder is being mounted, instead
+            # of after it (starting a mount process is most of what a new registration costs here).
+            self._guarded(name, self._drive_preparation, repo, ended)
             if now >= self._restart_after.get(name, 0):
                 self._guarded(name, self._keep_mounted, repo, repos)
-            self._guarded(name, self._drive_preparation, repo, ended)
             self._guarded(name, self._drive_refresh, repo)
         for name in set(self._refresh_every) - set(repos):
             del self._refresh_every[name]
