@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from .attempts import Patience, current_attempt, record
 from .config import Settings
 from .fs.fsmonitor import add_index_extensions, base_token, fsmonitor_extension, hook_command
 from .fs.untracked_cache import PER_DIRECTORY_EXCLUDES, tree_of_directories, untracked_extension
-from .gitstore import PREPARE_REFLOG_MESSAGE, check_git_dir, clone_blobless, fetch_objects, git_env, remove_abandoned_packs, run_git
+from .gitstore import (PREPARE_REFLOG_MESSAGE, check_git_dir, classify_git_error, clone_blobless, die_with_parent, fetch_objects,
+                       git_env, remove_abandoned_packs, run_git)
 from .history import count_commits, defers_history, fetch_history, history_pending, one_commit_first
 from .logs import set_context as set_log_context
 from .metrics import PhaseClock, observe_ready
@@ -56,20 +58,44 @@ from .remotes import redact
 
 log = logging.getLogger("artifactfs.prepare")
 
+class RemoteCheck:
+    """The remote and the ref, checked with `git ls-remote`: an unreachable remote or a missing ref
+    named plainly, before (or, with verdict() deferred, beside) any clone or fetch."""
+
+    def __init__(self, remote_url: str, ref: str, credential_file: Path | None) -> None:
+        self.remote_url, self.ref = remote_url, ref
+        self.args = ["ls-remote", "--", remote_url, ref]
+        self.proc = subprocess.Popen(["git", *self.args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=git_env(credential_file), preexec_fn=die_with_parent)  # fmt: skip
+
+    def verdict(self) -> str:
+        """The ref's commit; RemoteUnreachable or RefNotFound, each with what to check."""
+        out, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            exc = classify_git_error(self.args, err)
+            if isinstance(exc, RemoteUnreachable):
+                raise RemoteUnreachable(
+                    f"cannot read remote {self.remote_url}: {exc} (check the URL, the network and your access rights)",
+                    transient=exc.transient,
+                ) from None
+            raise exc
+        for line in out.decode().splitlines():
+            oid, _, name = line.partition("\t")
+            if name == self.ref:
+                return oid
+        raise RefNotFound(f"ref {self.ref} does not exist in {self.remote_url} (see: git ls-remote {self.remote_url})")
+
+    def stop(self) -> None:
+        """No verdict needed (what it checks has just worked): end it if it is still running."""
+        if self.proc.returncode is None:  # else verdict() has read it already
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate()
+
+
 def validate_remote(remote_url: str, ref: str, credential_file: Path | None) -> str:
     """Name an unreachable remote or a missing ref plainly, before any clone starts."""
-    try:
-        out = run_git(["ls-remote", "--", remote_url, ref], env=git_env(credential_file)).stdout.decode()
-    except RemoteUnreachable as exc:
-        raise RemoteUnreachable(
-            f"cannot read remote {remote_url}: {exc} (check the URL, the network and your access rights)",
-            transient=exc.transient,
-        ) from None
-    for line in out.splitlines():
-        oid, _, name = line.partition("\t")
-        if name == ref:
-            return oid
-    raise RefNotFound(f"ref {ref} does not exist in {remote_url} (see: git ls-remote {remote_url})")
+    return RemoteCheck(remote_url, ref, credential_file).verdict()
 
 
 TreeEntry = tuple[bytes, bytes, bytes]  # (type, id, path), as ls-tree names them
@@ -325,14 +351,15 @@ class Preparation:
         self.phase(Phase.VALIDATE)
         # The check runs beside the clone or fetch instead of before it, which it would delay by
         # a round trip to the remote; when they fail, its error says plainly why (an unreachable
-        # remote, a missing ref), and it is the one raised.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            checked = pool.submit(validate_remote, repo.remote_url, source_ref, self.credential_file)
-            try:
-                head = self._clone_or_fetch(git_dir, source_ref)
-            except Exception:
-                checked.result()
-                raise
+        # remote, a missing ref), and it is the one raised. When they succeed it has nothing to add.
+        check = RemoteCheck(repo.remote_url, source_ref, self.credential_file)
+        try:
+            head = self._clone_or_fetch(git_dir, source_ref)
+        except Exception:
+            check.verdict()
+            raise
+        finally:
+            check.stop()
         self.phase(Phase.INDEX)
         env = git_env(self.credential_file)
         work_tree = Path(repo.mount_path)

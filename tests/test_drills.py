@@ -188,13 +188,13 @@ def test_mountd_killed_mid_read_and_mid_prepare(afs: Artifactfs, held: HeldRemot
     reading = afs.mount_path("reading")
     held.hold()  # from now on every connection to the remote waits: a clone, a lazy fetch
     add_async(afs, "gated", held.url)
-    afs.wait_phase("gated", "validate")
+    afs.wait_phase("gated", "clone")  # the validation runs beside the clone
     gated = afs.mount_path("gated")
     servers = {name: afs.wait_mount_process(name) for name in ("reading", "gated")}
 
     big = Blocked(lambda: (reading / "assets/big.txt").read_bytes())  # 2 MiB, not hydrated yet
     listing = Blocked(lambda: sorted(os.listdir(gated)))  # waits at the gate
-    wait_until(lambda: len(held.processes()) == 2, 30, what="the lazy fetch and the validation to be held")
+    wait_until(lambda: len(held.processes()) == 3, 30, what="the lazy fetch, the validation and the clone to be held")
     afs.stop_service("mountd", signal.SIGKILL)
     assert big.blocked and listing.blocked
 
