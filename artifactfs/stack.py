@@ -390,6 +390,17 @@ def _wait_ready(settings: Settings, started: Started) -> None:
         raise StackError(f"{service.name} exited at start (see {log_path})") from None
 
 
+# Flower, started before the worker is ready, never lists it: it knows the workers that answered
+# its first inspection.
+AFTER_THE_WORKER = frozenset({"flower"})
+
+
+def _ready_line(settings: Settings, started: Started) -> str:
+    """Wait until `started` is ready; the line that says so."""
+    _wait_ready(settings, started)
+    return f"{started.service.name}: started (pid {started.popen.pid}), {started.service.describe}"
+
+
 def _roll_back(settings: Settings, started: list[Started]) -> list[str]:
     """Stop what this `up` started, last first, and forget their pid files; the names of those
     that were still running."""
@@ -434,6 +445,7 @@ def up(settings: Settings, *, ports: Ports = Ports(), concurrency: int = 2) -> I
         _check_port(settings, "flower", ports.flower, "--flower-port or ARTIFACTFS_FLOWER_PORT")
         _check_port(settings, "metrics", ports.metrics, "--metrics-port or ARTIFACTFS_METRICS_PORT")
         started: list[Started] = []
+        starting: list[Started] = []
         try:
             for service in services(settings, ports=ports, concurrency=concurrency, flower_auth=auth):
                 ident = _verified(settings, service.name)
@@ -444,10 +456,19 @@ def up(settings: Settings, *, ports: Ports = Ports(), concurrency: int = 2) -> I
                 if stale.exists():
                     stale.unlink()
                     yield f"{service.name}: removed the stale pid file {stale} (it named no running {service.name})"
+                if service.name in AFTER_THE_WORKER:
+                    while starting:  # what started before it, the worker among them, ready first
+                        yield _ready_line(settings, starting.pop(0))
                 entry = _start(settings, service)
                 started.append(entry)
-                _wait_ready(settings, entry)
-                yield f"{service.name}: started (pid {entry.popen.pid}), {service.describe}"
+                if service.name == "redis":  # the others connect to it as they start
+                    yield _ready_line(settings, entry)
+                else:
+                    starting.append(entry)
+            # Started together, the worker and mountd take the longer one's time (the worker's), not
+            # the sum of both; and Flower and the metrics likewise after them.
+            for entry in starting:
+                yield _ready_line(settings, entry)
         except GeneratorExit:
             raise  # the caller stopped reading: what started is up, not failed
         except BaseException as exc:
