@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs.partial.helper import walk_limit
+from artifactfs.partial.helper import asked_walk, walk_limit
 
 from .conftest import Artifactfs
 from .gitremote import GitDaemon, SampleRepo, git, make_history_repo
@@ -188,6 +188,18 @@ def test_git_in_the_mount_fetches_a_history_walk_in_a_few_transactions(afs: Arti
 ])  # fmt: skip
 def test_the_asking_commands_limit_is_read_as_git_reads_it(argv: str, limit: int | None) -> None:
     assert walk_limit(argv.split()) == limit
+
+
+@pytest.mark.parametrize(("argv", "options_only"), [
+    ("git log -p -20", True), ("git -c core.abbrev=12 log -n 5 --stat", True),
+    ("git log -p -5 -- src/hot.py", False), ("git log -3 main", False), ("git log -p -5 src", False),
+])  # fmt: skip
+def test_a_log_that_names_no_path_or_revision_is_told_apart(argv: str, options_only: bool) -> None:
+    """Such a log walks from HEAD through every path: older versions of the paths it asks for
+    first are beyond its limit, and not fetched."""
+    walk = asked_walk(argv.split())
+    assert walk is not None and walk.options_only is options_only
+    assert asked_walk("git blame -L 1,5 f".split()) is None
 
 
 def test_a_limited_log_fetches_the_changes_of_its_commits_alone(git_daemon: GitDaemon, history: SampleRepo,

@@ -228,31 +228,48 @@ GIT_OPTIONS_WITH_VALUE = frozenset(("-c", "-C", "--git-dir", "--work-tree", "--n
 WALKING_COMMANDS = frozenset(("log", "show", "whatchanged"))  # what reads each commit's changes in turn
 
 
-def walk_limit(argv: list[str]) -> int | None:
-    """The number of commits the git command `argv` reads at most, when it says so: `log -20`,
-    `-n 20`, `-n20`, `--max-count=20` or `--max-count 20` (the last one given counts, as in git);
-    None for any other command, or no limit. A log stops there, so fetching the changes of
-    commits beyond it would be paid for and never read."""
+class AskedWalk:
+    """What the asking git's command line says of its walk: how many commits it reads at most
+    (`log -20`, `-n 20`, `-n20`, `--max-count=20` or `--max-count 20`; the last one given counts,
+    as in git), and whether it names nothing but options (so it walks from HEAD, every path)."""
+
+    __slots__ = ("limit", "options_only")
+
+    def __init__(self, limit: int | None, options_only: bool) -> None:
+        self.limit = limit
+        self.options_only = options_only
+
+
+def asked_walk(argv: list[str]) -> AskedWalk | None:
+    """The walk of the git command `argv`, if it is a log (log, show, whatchanged); None if not."""
     index = 1
     while index < len(argv) and argv[index].startswith("-"):  # git's own options, before the command
         index += 2 if argv[index] in GIT_OPTIONS_WITH_VALUE else 1
     if index >= len(argv) or argv[index] not in WALKING_COMMANDS:
         return None
-    limit: int | None = None
+    walk = AskedWalk(None, True)
     args = iter(argv[index + 1:])
     for arg in args:
-        if arg == "--":
+        if arg == "--" or not arg.startswith("-"):  # paths, or a revision
+            walk.options_only = False
             break
         value: str | None = None
         if arg in ("-n", "--max-count"):
             value = next(args, None)
         elif arg.startswith("--max-count="):
             value = arg.partition("=")[2]
-        elif arg.startswith("-n") or (arg.startswith("-") and arg[1:].isdigit()):
+        elif arg.startswith("-n") or arg[1:].isdigit():
             value = arg[2:] if arg.startswith("-n") else arg[1:]
         if value is not None and value.isdigit():
-            limit = int(value) or None  # -0 and -n0 read nothing, and ask for nothing either
-    return limit
+            walk.limit = int(value) or None  # -0 and -n0 read nothing, and ask for nothing either
+    return walk
+
+
+def walk_limit(argv: list[str]) -> int | None:
+    """The most commits the git command `argv` reads, when it says so. A log stops there, so
+    fetching the changes of commits beyond it would be paid for and never read."""
+    walk = asked_walk(argv)
+    return walk.limit if walk is not None else None
 
 
 def process_argv(pid: int) -> list[str]:
@@ -286,9 +303,11 @@ def asking_command(max_depth: int = 6) -> list[str] | None:
 
 
 def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Limits(),
-          walk: int | None = None) -> list[str]:  # fmt: skip
+          walk: int | None = None, path_versions: bool = True) -> list[str]:  # fmt: skip
     """`wants`, then what the walk that asked for them will need next: `walk` commits at most,
-    counting the one that asked (its asker's limit, walk_limit), or the Limits."""
+    counting the one that asked (its asker's limit, walk_limit), or the Limits; and, unless
+    `path_versions` is False (a limited log of the whole tree reads no version beyond the commits
+    it walks), the older versions of the requested paths that a blame or `log -p PATH` reads."""
     wanted = list(dict.fromkeys(wants))
     if len(wanted) > limits.small_request:
         return wanted
@@ -312,7 +331,7 @@ def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Li
     more = Collector(wanted, limits.total)
     versions = 0
     bounded = [f"--max-count={walk}"] if walk is not None else []  # a limited log reads no further back
-    for commit in commits(git_dir, *bounded, start, "--", *paths):  # every version of the paths, back
+    for commit in commits(git_dir, *bounded, start, "--", *paths) if path_versions else []:  # every version of the paths, back
         for _, before, after in commit.changes:
             versions += more.add(after) + more.add(before)
         if versions >= limits.path_versions or more.full:
@@ -459,7 +478,11 @@ def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> Non
         return
     try:
         asker = asking_command()
-        objects = widen(git_dir, wants, walk=walk_limit(asker) if asker else None)
+        walk = asked_walk(asker) if asker else None
+        if walk is not None and walk.limit is not None:
+            objects = widen(git_dir, wants, walk=walk.limit, path_versions=not walk.options_only)
+        else:
+            objects = widen(git_dir, wants)
     except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
         objects = wants
     run_fetch(fetch_command(git_dir, source), objects)
