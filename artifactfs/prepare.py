@@ -22,7 +22,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from .attempts import Patience, current_attempt, record
 from .config import Settings
@@ -37,17 +36,14 @@ from .model import (
     EventType,
     GitError,
     HistoryState,
-    InvalidInput,
     NewEvent,
     Owner,
     Phase,
     PrepareState,
     RefNotFound,
-    RegistryBusy,
     RemoteUnreachable,
     RepoState,
     SourceUnverified,
-    StaleAttempt,
 )
 from .owners import call_as, git_dir_owner, give_to
 from .partial.helper import configure as configure_lazy_fetch
@@ -57,6 +53,7 @@ from .registry import Registry
 from .remotes import redact
 
 log = logging.getLogger("artifactfs.prepare")
+
 
 class RemoteCheck:
     """The remote and the ref, checked with `git ls-remote`: an unreachable remote or a missing ref
