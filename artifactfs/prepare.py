@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -59,15 +60,20 @@ class RemoteCheck:
     """The remote and the ref, checked with `git ls-remote`: an unreachable remote or a missing ref
     named plainly, before (or, with verdict() deferred, beside) any clone or fetch."""
 
+    patience = 15.0  # seconds a failed clone waits for the check's plainer word before raising its own
+
     def __init__(self, remote_url: str, ref: str, credential_file: Path | None) -> None:
         self.remote_url, self.ref = remote_url, ref
         self.args = ["ls-remote", "--", remote_url, ref]
+        # A process group of its own: stop() ends what it started too (ssh holds its pipes open).
         self.proc = subprocess.Popen(["git", *self.args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=git_env(credential_file), preexec_fn=die_with_parent)  # fmt: skip
+                                     stderr=subprocess.PIPE, env=git_env(credential_file), preexec_fn=die_with_parent,
+                                     process_group=0)  # fmt: skip
 
-    def verdict(self) -> str:
-        """The ref's commit; RemoteUnreachable or RefNotFound, each with what to check."""
-        out, err = self.proc.communicate()
+    def verdict(self, timeout: float | None = None) -> str:
+        """The ref's commit; RemoteUnreachable or RefNotFound, each with what to check;
+        subprocess.TimeoutExpired if the check has not ended within `timeout` seconds."""
+        out, err = self.proc.communicate(timeout=timeout)
         if self.proc.returncode != 0:
             exc = classify_git_error(self.args, err)
             if isinstance(exc, RemoteUnreachable):
@@ -82,11 +88,23 @@ class RemoteCheck:
                 return oid
         raise RefNotFound(f"ref {self.ref} does not exist in {self.remote_url} (see: git ls-remote {self.remote_url})")
 
+    def explain(self, failure: GitError) -> None:
+        """Raise the check's plainer error for a clone or fetch that failed with `failure`, if it
+        has one in time; else return (the caller raises `failure`)."""
+        try:
+            self.verdict(timeout=self.patience)
+        except subprocess.TimeoutExpired:
+            log.warning("the check of %s did not end within %.0f s: %s", redact(self.remote_url), self.patience, redact(str(failure)))
+
     def stop(self) -> None:
-        """No verdict needed (what it checks has just worked): end it if it is still running."""
+        """No verdict needed (what it checks has just worked, or it was given up): end it, and
+        whatever it started, if still running."""
         if self.proc.returncode is None:  # else verdict() has read it already
             if self.proc.poll() is None:
-                self.proc.kill()
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.communicate()
 
 
@@ -352,8 +370,8 @@ class Preparation:
         check = RemoteCheck(repo.remote_url, source_ref, self.credential_file)
         try:
             head = self._clone_or_fetch(git_dir, source_ref)
-        except Exception:
-            check.verdict()
+        except GitError as exc:  # not a time limit, a busy registry or a stale attempt: those go on as they are
+            check.explain(exc)
             raise
         finally:
             check.stop()

@@ -34,9 +34,10 @@ from .gitremote import GitDaemon, GitHttpServer, SampleRepo, make_sample_repo
 FAKE_SSH = """#!/bin/bash
 # A stand-in for ssh: runs the remote command (git-upload-pack '<path>') on this machine. The first
 # connection (the ls-remote of the validate phase) is served at once; while {state}/hold exists,
-# every later one waits (a remote that hangs) until the hold is lifted.
+# every later one waits (a remote that hangs) until the hold is lifted; with {state}/hold-all, the
+# first one waits too.
 for last; do :; done
-if ! mkdir {state}/first 2>/dev/null; then
+if [ -e {state}/hold-all ] || ! mkdir {state}/first 2>/dev/null; then
     while [ -e {state}/hold ]; do sleep 0.05; done
 fi
 exec sh -c "$last"
@@ -65,7 +66,11 @@ class HeldRemote:
     def hold(self) -> None:
         (self.state / "hold").touch()
 
+    def hold_all(self) -> None:
+        (self.state / "hold-all").touch()
+
     def release(self) -> None:
+        (self.state / "hold-all").unlink(missing_ok=True)
         (self.state / "hold").unlink(missing_ok=True)
 
     def processes(self) -> list[int]:
@@ -238,6 +243,18 @@ def test_soft_time_limit_is_recorded_as_a_timeout_and_leaves_nothing_behind(afs:
     assert afs.run("prepare", "--name", "hang").stdout.strip() == "queued hang (attempt 2)"
     assert settled(afs, "hang")["state"] == "mounted"
     assert (afs.mount_path("hang") / "README.md").read_bytes() == held.sample.files["README.md"]
+
+
+def test_a_time_limit_during_the_clone_is_not_held_up_by_the_remote_check(afs: Artifactfs, held: HeldRemote) -> None:
+    # The check beside the clone (git ls-remote) hangs as the clone does: the time limit still
+    # ends the job at once, as a time limit, and stops the check and its ssh too.
+    held.hold_all()
+    afs.env.update(ARTIFACTFS_JOB_SOFT_LIMIT="3", ARTIFACTFS_JOB_HARD_LIMIT="60", **held.env)
+    afs.up()
+    add_async(afs, "both", held.url)
+    row = settled(afs, "both")
+    assert row["prepare_error"] == "preparation exceeded its time limit of 3s (ARTIFACTFS_JOB_SOFT_LIMIT)"
+    assert held.processes() == []
 
 
 # --- 2. a busy registry -----------------------------------------------------------------------------
