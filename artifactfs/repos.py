@@ -534,6 +534,15 @@ def _registration_id(registered_at: datetime) -> str:
     return registered_at.astimezone(timezone.utc).isoformat()
 
 
+def nothing_to_forget(settings: Settings, repo: RepoState) -> bool:
+    """Whether forget_earlier_registration would discard nothing here: the state is marked as
+    `repo`'s registration's, or has no mark (kept as this one's)."""
+    try:
+        return settings.registration_mark(repo.name).read_text() == _registration_id(repo.registered_at)
+    except FileNotFoundError:
+        return True
+
+
 def forget_earlier_registration(settings: Settings, repo: RepoState) -> bool:
     """Before this host first mounts or prepares `repo`, discard the git directory, overlay and
     state that an earlier registration of its name left here: a registration made from another

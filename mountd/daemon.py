@@ -44,7 +44,7 @@ from artifactfs.refresh import publish_refresh, slot
 from artifactfs.procs import ProcessId, cmdline, identify, is_running, read_pid_file, write_pid_file
 from artifactfs.registry import Registry
 from artifactfs.remotes import validate_name
-from artifactfs.repos import discard_leftovers, forget_earlier_registration
+from artifactfs.repos import discard_leftovers, forget_earlier_registration, nothing_to_forget
 from artifactfs.wakeup import CHANNEL
 from mountd.control import ControlClient, MountUnresponsive, encode
 
@@ -61,6 +61,7 @@ STOP_WAIT_SECONDS = 10.0
 RESTART_BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
 STABLE_SECONDS = 30.0  # a mount process alive this long has its restart backoff forgiven
 MAX_REPUBLISH = 5  # a job that keeps ending without an outcome fails its attempt after this
+FORGET_WAIT_SECONDS = 5.0  # a job discarding an earlier registration's git dir; then retried
 MOUNT_PROCESS_MODULE = "mountd.mountproc"
 SPARE_ARGV = [sys.executable, "-m", MOUNT_PROCESS_MODULE]
 
@@ -70,6 +71,10 @@ def owner_ids(repo: RepoState) -> list[int] | None:
     if repo.owner_uid is None:
         return None
     return [repo.owner_uid, repo.owner_gid if repo.owner_gid is not None else repo.owner_uid]
+
+
+class RegistrationUnsettled(ArtifactError):
+    """A job still discards what an earlier registration of the name left here: mount later."""
 
 
 @dataclass
@@ -441,10 +446,19 @@ class MountDaemon:
 
     def _forget_earlier_registration(self, repo: RepoState) -> None:
         """Discard what an earlier registration of the name left here, before mounting. A prepare
-        job that holds the repository's lock has done so already (jobs.py): never wait for it."""
+        job that holds the repository's lock does so first (jobs.py): the job is published before
+        the mount starts, so it may be removing that state right now. Wait for its mark, which it
+        writes once it is done, not for its lock, which it holds for the whole clone."""
         with repo_lock(self.settings.lock_file(repo.name), blocking=False) as locked:
-            if locked and forget_earlier_registration(self.settings, repo):
-                log.info("%s: discarded what an earlier registration of the name left on this host", repo.name)
+            if locked:
+                if forget_earlier_registration(self.settings, repo):
+                    log.info("%s: discarded what an earlier registration of the name left on this host", repo.name)
+                return
+        deadline = time.monotonic() + FORGET_WAIT_SECONDS
+        while not nothing_to_forget(self.settings, repo):
+            if time.monotonic() > deadline:
+                raise RegistrationUnsettled(f"the job holding {repo.name}'s lock has not settled its state within {FORGET_WAIT_SECONDS:g}s")
+            time.sleep(0.02)
 
     def _mount_with(self, proc: subprocess.Popen[bytes], name: str, mount_path: Path, owner: list[int] | None) -> None:
         """Hand the mount order to a spare and wait, bounded, for it to report the mount."""
