@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from artifactfs.partial.helper import asked_walk, walk_limit
+from artifactfs.partial.helper import asked_walk, moves_the_tree
 
 from .conftest import Artifactfs
 from .gitremote import GitDaemon, SampleRepo, git, make_history_repo
@@ -187,7 +187,8 @@ def test_git_in_the_mount_fetches_a_history_walk_in_a_few_transactions(afs: Arti
     ("git log -p", None), ("git blame -20 f", None), ("git log -p -- -20", None), ("git log -0", None),
 ])  # fmt: skip
 def test_the_asking_commands_limit_is_read_as_git_reads_it(argv: str, limit: int | None) -> None:
-    assert walk_limit(argv.split()) == limit
+    walk = asked_walk(argv.split())
+    assert (walk.limit if walk is not None else None) == limit
 
 
 @pytest.mark.parametrize(("argv", "options_only"), [
@@ -200,6 +201,23 @@ def test_a_log_that_names_no_path_or_revision_is_told_apart(argv: str, options_o
     walk = asked_walk(argv.split())
     assert walk is not None and walk.options_only is options_only
     assert asked_walk("git blame -L 1,5 f".split()) is None
+
+
+@pytest.mark.parametrize(("argv", "moves"), [
+    ("git checkout other", True), ("git -c a=b checkout -q -", True), ("git checkout -b topic origin/main", True),
+    ("git switch -c topic", True), ("git switch other", True), ("git reset --hard HEAD~1", True),
+    ("git reset -q --hard", True), ("git merge --ff-only origin/main", True), ("git rebase main", True),
+    ("git cherry-pick abc123", True), ("git pull --ff-only", True),
+    ("git checkout src/app.py", False), ("git checkout other src/app.py", False), ("git checkout -- other", False),
+    ("git checkout other -- src", False), ("git checkout --pathspec-from-file=list other", False),
+    ("git reset HEAD~1", False), ("git reset --hard HEAD -- src", False), ("git restore src", False),
+    ("git commit -m x", False), ("git log -p", False), ("git", False),
+])  # fmt: skip
+def test_a_command_that_moves_the_index_to_another_tree_is_told_from_one_that_writes_paths(argv: str, moves: bool) -> None:
+    """Such a command asks for every missing blob of the index after the files it writes: the
+    helper fetches both at once. A checkout of paths must not fetch the rest of the tree."""
+    commits = {"other", "@{-1}", "origin/main", "main"}
+    assert moves_the_tree(argv.split(), commits.__contains__) is moves
 
 
 def test_a_limited_log_fetches_the_changes_of_its_commits_alone(git_daemon: GitDaemon, history: SampleRepo,

@@ -52,7 +52,7 @@ import sys
 
 TYPE_CHECKING = False  # typing's own costs its import
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 HELPER_REMOTE = "artifactfs"
 PROMISOR_OPTIONS = ("filter", "from-promisor", "progress", "verbosity")
@@ -240,15 +240,21 @@ class AskedWalk:
         self.options_only = options_only
 
 
-def asked_walk(argv: list[str]) -> AskedWalk | None:
-    """The walk of the git command `argv`, if it is a log (log, show, whatchanged); None if not."""
+def git_subcommand(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The command of the git command line `argv` (after git's own options) and its arguments."""
     index = 1
     while index < len(argv) and argv[index].startswith("-"):  # git's own options, before the command
         index += 2 if argv[index] in GIT_OPTIONS_WITH_VALUE else 1
-    if index >= len(argv) or argv[index] not in WALKING_COMMANDS:
+    return (argv[index], argv[index + 1:]) if index < len(argv) else None
+
+
+def asked_walk(argv: list[str]) -> AskedWalk | None:
+    """The walk of the git command `argv`, if it is a log (log, show, whatchanged); None if not."""
+    command = git_subcommand(argv)
+    if command is None or command[0] not in WALKING_COMMANDS:
         return None
     walk = AskedWalk(None, True)
-    args = iter(argv[index + 1:])
+    args = iter(command[1])
     for arg in args:
         if arg == "--" or not arg.startswith("-"):  # paths, or a revision
             walk.options_only = False
@@ -265,11 +271,60 @@ def asked_walk(argv: list[str]) -> AskedWalk | None:
     return walk
 
 
-def walk_limit(argv: list[str]) -> int | None:
-    """The most commits the git command `argv` reads, when it says so. A log stops there, so
-    fetching the changes of commits beyond it would be paid for and never read."""
-    walk = asked_walk(argv)
-    return walk.limit if walk is not None else None
+# Commands that put another commit's tree in the index (by themselves, or as the `git reset
+# --hard` that stash and others run). Once done, git repairs its cache of trees, which first
+# fetches every blob of the index that is not here (cache_tree_update, prefetch_cache_entries).
+TREE_MOVING_COMMANDS = frozenset(("checkout", "switch", "merge", "rebase", "cherry-pick", "revert", "pull", "am", "reset"))
+PATH_WRITING_COMMANDS = TREE_MOVING_COMMANDS | {"restore"}  # when they do not move the tree
+CHECKOUT_OPTIONS_WITH_VALUE = frozenset(("-b", "-B", "-c", "-C", "--orphan", "--conflict"))
+
+
+def moves_the_tree(argv: list[str], is_commit: Callable[[str], bool]) -> bool:
+    """Whether the git command `argv` moves the index to another tree (so that git will ask for
+    every missing blob of the index next), rather than writing some paths: `checkout FILE`,
+    `checkout REV -- PATH` and `reset REV PATH` write only those, and must not fetch the rest.
+    `is_commit` tells whether a checkout's argument names a commit, as git decides it."""
+    command = git_subcommand(argv)
+    if command is None or command[0] not in TREE_MOVING_COMMANDS:
+        return False
+    name, args = command
+    if "--" in args or any(arg.startswith("--pathspec-from-file") for arg in args):
+        return False
+    if name == "reset":
+        return any(arg in ("--hard", "--merge", "--keep") for arg in args)
+    if name != "checkout":
+        return True
+    positional: list[str] = []
+    values = iter(args)
+    for arg in values:
+        if arg in CHECKOUT_OPTIONS_WITH_VALUE:
+            next(values, None)
+        elif arg == "-" or not arg.startswith("-"):
+            positional.append(arg)
+    return len(positional) <= 1 and all(is_commit("@{-1}" if arg == "-" else arg) for arg in positional)
+
+
+def names_commit(git_dir: str | os.PathLike[str], rev: str) -> bool:
+    """Whether `rev` names a commit here (or a branch of origin's, which checkout creates)."""
+    for candidate in (rev, f"refs/remotes/origin/{rev}"):
+        args = git(git_dir, "rev-parse", "-q", "--verify", "--end-of-options", f"{candidate}^{{commit}}")
+        if os.waitstatus_to_exitcode(os.waitpid(spawn(args, quiet=True), 0)[1]) == 0:
+            return True
+    return False
+
+
+def missing_blobs(git_dir: str | os.PathLike[str], rev: str = "HEAD") -> list[str]:
+    """The blobs of `rev`'s tree that are not here, from its trees (all here in a blobless clone)."""
+    args = git(git_dir, "rev-list", "--objects", "--missing=print", "--end-of-options", f"{rev}^{{tree}}")
+    read_end, write_end = os.pipe()
+    pid = spawn(args, stdout=write_end, quiet=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as listing:
+        missing = [line[1:].decode().strip() for line in listing if line.startswith(b"?")]
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError(f"rev-list of {rev}'s tree exited with {os.waitstatus_to_exitcode(status)}")
+    return missing
 
 
 def process_argv(pid: int) -> list[str]:
@@ -305,7 +360,7 @@ def asking_command(max_depth: int = 6) -> list[str] | None:
 def widen(git_dir: str | os.PathLike[str], wants: list[str], limits: Limits = Limits(),
           walk: int | None = None, path_versions: bool = True) -> list[str]:  # fmt: skip
     """`wants`, then what the walk that asked for them will need next: `walk` commits at most,
-    counting the one that asked (its asker's limit, walk_limit), or the Limits; and, unless
+    counting the one that asked (its asker's limit, asked_walk), or the Limits; and, unless
     `path_versions` is False (a limited log of the whole tree reads no version beyond the commits
     it walks), the older versions of the requested paths that a blame or `log -p PATH` reads."""
     wanted = list(dict.fromkeys(wants))
@@ -466,6 +521,22 @@ def note_lazy_fetch(git_dir: str | os.PathLike[str], asked: int, fetched: int, h
         os.close(fd)
 
 
+def plan(git_dir: str | os.PathLike[str], wants: list[str], asker: list[str]) -> list[str]:
+    """What to fetch for `wants`, asked for by the git command `asker`. A command that moves the
+    index to another tree asks first for the files it writes, then for every other blob of the
+    index that is not here (see TREE_MOVING_COMMANDS): both in one transaction. The index it
+    moves to holds the blobs of HEAD's tree that stay, and the ones it writes, which it asks for."""
+    if moves_the_tree(asker, lambda rev: names_commit(git_dir, rev)):
+        return list(dict.fromkeys([*wants, *missing_blobs(git_dir, "HEAD")]))
+    command = git_subcommand(asker)
+    if command is not None and command[0] in PATH_WRITING_COMMANDS:
+        return wants  # `checkout REV -- PATH`: those paths, not the history around them
+    walk = asked_walk(asker)
+    if walk is not None and walk.limit is not None:
+        return widen(git_dir, wants, walk=walk.limit, path_versions=not walk.options_only)
+    return widen(git_dir, wants)
+
+
 def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> None:
     """Fetch `wants`, widened, from `source` in one transaction; as asked if widening fails. While
     history is incomplete, the history comes first, with `wants`, in that one transaction."""
@@ -477,12 +548,7 @@ def fetch(git_dir: str | os.PathLike[str], source: str, wants: list[str]) -> Non
         # just fetched, for nothing; anything still missing git fetches from origin, as asked.
         return
     try:
-        asker = asking_command()
-        walk = asked_walk(asker) if asker else None
-        if walk is not None and walk.limit is not None:
-            objects = widen(git_dir, wants, walk=walk.limit, path_versions=not walk.options_only)
-        else:
-            objects = widen(git_dir, wants)
+        objects = plan(git_dir, wants, asking_command() or [])
     except Exception:  # noqa: BLE001 (a plan is an optimisation: the request itself must go on)
         objects = wants
     run_fetch(fetch_command(git_dir, source), objects)
