@@ -3,9 +3,10 @@ monorepo: 24 packages of 11 modules (src/, src/a, src/b, test/), about 5,000 sma
 1,300 directories, a .gitignore in every module and package, three 4 MiB binaries.
 
 Each run makes a fresh installation and a fresh full clone, then times in both: `git status`
-first after mount and second, clean and with 10 edits; `git add -A && git commit` of 100 new
-files; `git checkout` of a branch that changes 200 files. It counts the blobs each step brought
-into the mount's git directory. Medians over the runs.
+first after mount and second, clean and with 10 edits; `git checkout` of a branch that changes
+200 files; `git add -A && git commit` of 100 new files. It counts the blobs each step brought
+into the mount's git directory and the fetch transactions the remote served for it. Medians
+over the runs.
 
     make bench-git                      # or: .venv/bin/python bench/git_in_mount.py --runs 3
 """
@@ -116,12 +117,13 @@ def steps(files: dict[str, bytes]) -> list[tuple[str, Callable[[Path], None]]]:
         ("10 edits (appends)", edit),
         ("git status with 10 edits, first", lambda root: git(root, "status", "--porcelain")),
         ("git status with 10 edits, second", lambda root: git(root, "status", "--porcelain")),
-        ("git add -A && git commit, 100 new files", commit_new),
         ("git checkout of a branch changing 200 files", lambda root: git(root, "checkout", "-q", "other")),
+        ("git add -A && git commit, 100 new files", commit_new),
     ]
 
 
-def one_run(base: Path, daemon: GitDaemon, files: dict[str, bytes], janitor: harness.Janitor) -> dict[str, tuple[float, float, int]]:
+def one_run(base: Path, daemon: GitDaemon, files: dict[str, bytes],
+            janitor: harness.Janitor) -> dict[str, tuple[float, float, int, int]]:  # fmt: skip
     url = daemon.url(f"{NAME}.git")
     plain = base / "plain"
     subprocess.run(["git", "clone", "-q", "--single-branch", "--branch", "main", url, str(plain)], check=True,
@@ -139,11 +141,11 @@ def one_run(base: Path, daemon: GitDaemon, files: dict[str, bytes], janitor: har
         start = time.perf_counter()
         action(plain)
         plain_s = time.perf_counter() - start
-        before = blobs(git_dir)
+        before, served = blobs(git_dir), daemon.fetch_count(f"{NAME}.git")
         start = time.perf_counter()
         action(mnt)
         mount_s = time.perf_counter() - start
-        results[label] = (plain_s, mount_s, blobs(git_dir) - before)
+        results[label] = (plain_s, mount_s, blobs(git_dir) - before, daemon.fetch_count(f"{NAME}.git") - served)
     inst.stop_daemon()
     return results
 
@@ -163,14 +165,15 @@ def main() -> int:
                 f"{sum(p.endswith('.gitignore') for p in files)} .gitignore files")  # fmt: skip
 
     runs = harness.served_runs("git", runs_wanted, make_remote, one_run, describe)
-    print(f"| step (median of {runs_wanted}) | plain checkout | mount | ratio | blobs fetched by the mount |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| step (median of {runs_wanted}) | plain checkout | mount | ratio | blobs fetched by the mount | transactions |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label in runs[0]:
         plain_s = statistics.median(r[label][0] for r in runs)
         mount_s = statistics.median(r[label][1] for r in runs)
         fetched = statistics.median(r[label][2] for r in runs)
+        transactions = statistics.median(r[label][3] for r in runs)
         ratio = f"{mount_s / plain_s:.1f}x" if plain_s > 0 else ""
-        print(f"| {label} | {seconds(plain_s)} | {seconds(mount_s)} | {ratio} | {fetched:g} |")
+        print(f"| {label} | {seconds(plain_s)} | {seconds(mount_s)} | {ratio} | {fetched:g} | {transactions:g} |")
     return 0
 
 
