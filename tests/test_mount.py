@@ -2,7 +2,9 @@
 laziness and batching (writes: test_writes.py)."""
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import signal
 import stat
@@ -306,3 +308,41 @@ def test_preparation_brings_what_git_status_reads_in_one_transaction(afs: Artifa
     status = subprocess.run(["git", "status", "--porcelain"], cwd=mnt, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout == "", status.stderr
     assert git_daemon.fetch_count() == 0  # git read its ignore rules and attributes from local blobs
+
+
+def resident_pages(path: Path) -> list[bool]:
+    """Which pages of `path` the kernel's page cache holds, without reading any (mincore(2) of a
+    mapping that is never touched)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+            assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+            return [bool(page & 1) for page in pages]
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def test_an_opened_gitignore_is_in_the_page_cache_before_it_is_read(afs: Artifactfs, git_daemon: GitDaemon) -> None:
+    """git status reads every .gitignore at every run: its content is stored in the kernel's page
+    cache as it opens, so neither the read nor the stale atime a read leaves reach the mount."""
+    sample = make_sample_repo(git_daemon.base, "stored")
+    add_commit(sample, {"src/.gitignore": b"build/\n" * 1000}, "a rule file of more than one page")
+    afs.add("stored", git_daemon.url("stored.git"))
+    afs.start_daemon()
+    mnt = afs.wait_mounted("stored")
+    assert resident_pages(mnt / "src/.gitignore") == [True, True]  # the open stored both pages
+    assert resident_pages(mnt / "README.md") == [False]  # any other file is read as it is asked for
+    assert (mnt / "src/.gitignore").read_bytes() == b"build/\n" * 1000
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=mnt, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout == "", status.stderr

@@ -86,6 +86,7 @@ class Node:
     mtime_ns: int | None = None  # written to since its record was last saved (on release, fsync)
     unlinked: bool = False  # removed or replaced while the kernel or a handle still holds it
     answer: bytes | None = None  # what an ANSWER node holds (made with it, never changed)
+    stored: str | None = None  # the blob last put into the kernel's page cache (TreeFS._store_pages)
 
     @property
     def is_dir(self) -> bool:

@@ -73,6 +73,10 @@ LISTING_FRESH_SECONDS = 2.0
 # Past this many, absences are answered without caching (nothing to invalidate later).
 NEGATIVE_ENTRIES_LIMIT = 100_000
 NAME_MAX = 255
+# Files git status opens and reads every time it runs: their content goes into the kernel's page
+# cache as they open (see TreeFS._store_pages), up to this size.
+STATUS_FILES = frozenset({b".gitignore", b".gitattributes"})
+STORE_LIMIT = 64 * 1024
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 # What the overlay records of its base (see TreeFS._base_for).
@@ -476,6 +480,32 @@ class TreeFS(pyfuse3.Operations):
             log.error("%s: %s", self.fsname, exc)
             raise fuse_error(errno.EIO) from None
 
+    async def _store_pages(self, node: Node) -> None:
+        """Put the content of a small file that git status reads into the kernel's page cache.
+
+        git status opens and reads every .gitignore it knows of at every run. A READ that reaches
+        the mount makes the kernel take the file's atime as stale, so git's lstat of it at the
+        next status costs a GETATTR round trip too. Read from the page cache, it costs neither.
+        Only while no handle is open on the file: a READ in flight holds the page locks a store
+        needs, and the store, sent from the loop that must answer that READ, would wait for ever."""
+        oid = node.oid
+        if node.name not in STATUS_FILES or node.kind is not Kind.FILE or node.data is not None or oid is None:
+            return
+        if node.stored == oid or node.handles > 0:
+            return
+        size = self._known_size(node)
+        if not size or size > STORE_LIMIT:
+            return
+        content = await node.snap.contents.whole(oid)
+        if node.handles > 0 or node.oid != oid or node.data is not None:
+            return  # opened, or changed, while the content was read
+        try:
+            pyfuse3.notify_store(node.inode, 0, content)
+        except OSError as exc:  # a kernel without stores: git reads through the mount instead
+            log.debug("%s: no page-cache store for inode %d: %s", self.fsname, node.inode, exc)
+            return
+        node.stored = oid
+
     async def _reach_further(self, directory: Node, owner: int | None) -> None:
         """A batch of `directory` is about to be fetched: if the misses are a walk, queue with it
         everything missing under the subtree being walked, or at the commit (see walks.py)."""
@@ -842,6 +872,7 @@ class TreeFS(pyfuse3.Operations):
                 self._changed(node)
         else:
             await self._hydrate(node, ctx.pid)
+            await self._store_pages(node)
         fh = self._open_handle(node, writable=writable, append=bool(flags & os.O_APPEND))
         return pyfuse3.FileInfo(fh=fh, keep_cache=not truncate and node.kind is not Kind.ANSWER)
 
