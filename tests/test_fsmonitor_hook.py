@@ -3,17 +3,19 @@ as the file a lookup at the mount's root finds: the answer whole, NULs kept, and
 everything) wherever no answer is found."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
-from artifactfs.fs.fsmonitor import ANSWER_PREFIX, Answers, hook_command
+from artifactfs.fs.fsmonitor import ANSWER_PREFIX, HOOK, Answers, hook_command
 from artifactfs.fs.overlay import EntryKind, Overlay, OverlayEntry
 
 T = 1_700_000_000_000_000_000
 
 
-def run_hook(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(f"{hook_command()} {' '.join(args)}", shell=True, cwd=cwd, capture_output=True, timeout=30)
+def run_hook(cwd: Path, *args: str, command: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(f"{command or hook_command()} {' '.join(args)}", shell=True, cwd=cwd, capture_output=True,
+                          timeout=30)  # fmt: skip
 
 
 def test_a_large_answer_arrives_whole(tmp_path: Path) -> None:
@@ -37,3 +39,19 @@ def test_without_an_answer_git_checks_everything(tmp_path: Path) -> None:
     assert out.returncode == 0 and out.stdout == b"afs1:none\0/\0"
     wrong = run_hook(tmp_path, "1", "12345")
     assert wrong.returncode != 0 and b"only hook version 2" in wrong.stderr
+
+
+def test_git_runs_the_hook_itself_where_it_can_and_through_sh_where_it_cannot(tmp_path: Path) -> None:
+    """A bare path, which git execs without a shell in front, for the executable hook at a plain
+    path; `sh` and a quoted path for a copy without executable bits, or at a path with a space."""
+    assert hook_command() == str(HOOK)
+    unplain = tmp_path / "with space"
+    unplain.mkdir()
+    shutil.copy2(HOOK, unplain / "hook.sh")
+    assert hook_command(unplain / "hook.sh") == f"sh '{unplain / 'hook.sh'}'"
+    unrunnable = tmp_path / "hook.sh"
+    shutil.copyfile(HOOK, unrunnable)  # the content without the mode
+    assert hook_command(unrunnable) == f"sh {unrunnable}"
+    for command in (hook_command(), hook_command(unplain / "hook.sh"), hook_command(unrunnable)):
+        out = run_hook(tmp_path, "2", "afs1:someone-else:0:0", command=command)
+        assert out.returncode == 0 and out.stdout == b"afs1:none\0/\0", (command, out.stderr)

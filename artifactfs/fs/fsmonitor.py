@@ -26,7 +26,10 @@ a trailing slash, which makes git look again at everything under it.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shlex
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -40,6 +43,9 @@ ANSWER_PREFIX = b".artifactfs-fsmonitor:"  # the name of an answer at the root: 
 TOKEN_VERSION = "afs1"
 TRIVIAL = b"/\0"  # "no information": git checks everything
 HOOK = Path(__file__).with_name("fsmonitor_hook.sh")
+# A command git runs without a shell: its own process execs the hook (it has a #! line), where a
+# command with a space or any shell character costs an `sh -c` first, a millisecond per command.
+PLAIN_COMMAND = re.compile(r"[A-Za-z0-9_./+,@:-]+")
 
 
 def base_token(commit: str) -> str:
@@ -160,6 +166,15 @@ def add_index_extensions(index: Path, extensions: list[bytes], object_format: st
     tmp.replace(index)
 
 
-def hook_command() -> str:
-    """core.fsmonitor: git runs it through the shell, with the version and token appended."""
-    return f"sh {shlex.quote(str(HOOK))}"
+def hook_command(hook: Path = HOOK) -> str:
+    """core.fsmonitor: git runs it with the version and token appended. The hook itself, if
+    everyone may run it and its path needs no quoting; otherwise through `sh` (an installation
+    that dropped the executable bits, a path with a space)."""
+    path = str(hook)
+    try:
+        runnable = stat.S_IMODE(hook.stat().st_mode) & 0o111 == 0o111 and os.access(hook, os.X_OK)
+    except OSError:
+        runnable = False
+    if runnable and PLAIN_COMMAND.fullmatch(path):
+        return path
+    return f"sh {shlex.quote(path)}"
