@@ -32,12 +32,20 @@ from .gitremote import GitDaemon, GitHttpServer, SampleRepo, make_sample_repo
 # --- helpers ----------------------------------------------------------------------------------------
 
 FAKE_SSH = """#!/bin/bash
-# A stand-in for ssh: runs the remote command (git-upload-pack '<path>') on this machine. The first
-# connection (the ls-remote of the validate phase) is served at once; while {state}/hold exists,
-# every later one waits (a remote that hangs) until the hold is lifted; with {state}/hold-all, the
-# first one waits too.
+# A stand-in for ssh: runs the remote command (git-upload-pack '<path>') on this machine. A git
+# ls-remote (the check of the validate phase, which runs beside the clone) is served at once;
+# while {state}/hold exists, every clone or fetch waits (a remote that hangs) until the hold is
+# lifted; with {state}/hold-all, the ls-remote waits too. Who asks is told by the command line of
+# the git that started this (or of the shell between them): not by the order of arrival, which
+# is a race between the check and the clone.
 for last; do :; done
-if [ -e {state}/hold-all ] || ! mkdir {state}/first 2>/dev/null; then
+asker=$(tr '\\0' ' ' < /proc/$PPID/cmdline 2>/dev/null)
+grandparent=$(awk '{{print $4}}' /proc/$PPID/stat 2>/dev/null)
+asker="$asker $(tr '\\0' ' ' < /proc/$grandparent/cmdline 2>/dev/null)"
+case "$asker" in
+    *ls-remote*) [ -e {state}/hold-all ] || served=1 ;;
+esac
+if [ -z "$served" ]; then
     while [ -e {state}/hold ]; do sleep 0.05; done
 fi
 exec sh -c "$last"
