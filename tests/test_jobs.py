@@ -32,9 +32,9 @@ from .gitremote import GitDaemon, GitHttpServer, SampleRepo, make_sample_repo
 # --- helpers ----------------------------------------------------------------------------------------
 
 FAKE_SSH = """#!/bin/bash
-# A stand-in for ssh: runs the remote command (git-upload-pack '<path>') on this machine. A git
-# ls-remote (the check of the validate phase, which runs beside the clone) is served at once;
-# while {state}/hold exists, every clone or fetch waits (a remote that hangs) until the hold is
+# A stand-in for ssh: runs the remote command (git-upload-pack '<path>') on this machine. The
+# first git ls-remote (the check of the validate phase, which runs beside the clone) is served at
+# once; while {state}/hold exists, every other connection waits (a remote that hangs) until the hold is
 # lifted; with {state}/hold-all, the ls-remote waits too. Who asks is told by the command line of
 # the git that started this (or of the shell between them): not by the order of arrival, which
 # is a race between the check and the clone.
@@ -43,7 +43,7 @@ asker=$(tr '\\0' ' ' < /proc/$PPID/cmdline 2>/dev/null)
 grandparent=$(awk '{{print $4}}' /proc/$PPID/stat 2>/dev/null)
 asker="$asker $(tr '\\0' ' ' < /proc/$grandparent/cmdline 2>/dev/null)"
 case "$asker" in
-    *ls-remote*) [ -e {state}/hold-all ] || served=1 ;;
+    *ls-remote*) [ -e {state}/hold-all ] || ! mkdir {state}/first 2>/dev/null || served=1 ;;
 esac
 if [ -z "$served" ]; then
     while [ -e {state}/hold ]; do sleep 0.05; done
