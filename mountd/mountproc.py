@@ -337,6 +337,15 @@ def checked_owner(value: Any) -> Owner | None:
     return owner_of(value[0], value[1])
 
 
+def _report_mounted(name: str) -> None:
+    """Tell the mountd that started us that the mount is up. If it died meanwhile, the mount
+    stays: the pid file and the socket are in place, and the next mountd adopts us."""
+    try:
+        print("mounted", flush=True)
+    except BrokenPipeError:
+        log.warning("%s: the mountd that started this mount is gone; serving on until the next one adopts it", name)
+
+
 def _detach_from_mountd() -> None:
     """Once mounted, nothing ties us to the mountd that started us: not its pipes (their end
     must not end us) and not its session (we were started in a session of our own)."""
@@ -379,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             enable(settings)
             open_files()  # while still root: an owner could not create them there
         proc.become_owner()
-        print("mounted", flush=True)
+        _report_mounted(name)
         _detach_from_mountd()
         trio.run(proc.serve, listener)
     finally:

@@ -360,6 +360,33 @@ def start_mount_process(afs: Artifactfs, name: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+def test_a_mount_whose_mountd_dies_before_it_hears_back_keeps_serving(afs: Artifactfs, sample: SampleRepo) -> None:
+    """mountd killed between its mount order and the mount's answer: the answer meets a closed
+    pipe, and the mount must stay up for the next mountd to adopt, not vanish."""
+    afs.add("orphan", sample.url)
+    mnt = afs.mount_path("orphan")
+    mnt.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([PYTHON, "-m", "mountd.mountproc"], env=afs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        proc.stdin.write(json.dumps({"op": "mount", "name": "orphan", "mount_path": str(mnt)}).encode() + b"\n")
+        proc.stdin.flush()
+        proc.stdout.close()  # what a SIGKILL of mountd does to the pipe, before the mount answers
+        pid_file = afs.root / "run" / "mounts" / "orphan.pid"
+        wait_until(lambda: pid_file.exists() or proc.poll() is not None, 20, what="the mount to be up")
+        client = ControlClient(afs.root / "run" / "mounts" / "orphan.sock", timeout=10, expected_pid=proc.pid)
+        try:  # what the next mountd does once it adopts the mount
+            client.request({"op": "ready", "git_dir": str(afs.root / "git" / "orphan.git"), "head": str(afs.status("orphan")["head"])})
+        finally:
+            client.close()
+        assert (mnt / "README.md").read_bytes() == sample.files["README.md"] and proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert str(mnt) not in fuse_mounts()
+
+
 def test_down_takes_mounts_down_unless_told_to_keep_them(afs: Artifactfs, sample: SampleRepo) -> None:
     afs.add("served", sample.url)  # registered and cloned; no mountd runs
     proc = start_mount_process(afs, "served")
