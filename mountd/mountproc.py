@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from artifactfs.fs.gate import Gate
 from artifactfs.fs.hydrator import FetchStats, Hydrator
 from artifactfs.fs.operations import TreeFS
 from artifactfs.fs.overlay import Overlay
+from artifactfs.fs.warmup import WarmUp
 from artifactfs.gitstore import git_env
 from artifactfs.logs import configure as configure_logging
 from artifactfs.logs import set_context as set_log_context
@@ -87,6 +89,7 @@ class MountProcess:
         self.backfill = BackfillProgress(BackfillState.OFF if settings.backfill is BackfillPolicy.NEVER else BackfillState.WAITING)
         self._backfill_scope: trio.CancelScope | None = None
         self.fs.on_miss = self._first_miss
+        self.warm_up: WarmUp | None = None  # of the commit shown last (fs/warmup.py)
 
     def become_owner(self) -> None:
         """Give up root for the repository's owner, once mounted (add-repo --owner; see owners.py).
@@ -141,6 +144,8 @@ class MountProcess:
         """End the session. pyfuse3.main returns only once every handler has: callers waiting at
         the gate get EIO, and whatever still hangs after a grace period (a fetch) is cancelled."""
         self.gate.fail("the mount is going away")
+        if self.warm_up is not None:
+            self.warm_up.stop()
         pyfuse3.terminate()
         await trio.sleep(STOP_GRACE_SECONDS)
         assert self.nursery is not None
@@ -194,10 +199,13 @@ class MountProcess:
             if op == "hello":
                 pass
             elif op == "ready":
-                if self._show(Path(order["git_dir"]), str(order["head"])):
+                shown = self._show(Path(order["git_dir"]), str(order["head"]))
+                if shown:
                     self._backfill_anew()
                 self.gate.open()
                 self.fs.follow_head_safely()  # git may have moved HEAD while this process was down
+                if shown:
+                    self._warm_up(Path(order["git_dir"]))
             elif op == "failed":
                 self.gate.fail(str(order.get("error", "")))
             elif op == "reset":
@@ -224,6 +232,7 @@ class MountProcess:
             "head": self.shown[1] if self.shown else None,
             "base": str(self.fs.snapshot.commit.id) if self.fs.snapshot else None,  # follows HEAD
             "nodes": len(self.fs.nodes), "handles": len(self.fs.handles),  # bounded across refreshes
+            "warmed": dataclasses.asdict(self.warm_up.warmed) if self.warm_up is not None else None,
         }
 
     def _show(self, git_dir: Path, head: str) -> bool:
@@ -247,6 +256,16 @@ class MountProcess:
             pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=False)
         self.shown = (str(git_dir), head)
         return True
+
+    def _warm_up(self, git_dir: Path) -> None:
+        """Bring what git status reads into the kernel's caches, now that a commit is shown."""
+        if self.warm_up is not None:
+            self.warm_up.stop()
+        snapshot = self.fs.snapshot
+        assert snapshot is not None
+        fs = self.fs
+        self.warm_up = WarmUp(self.mount_path, git_dir, str(snapshot.commit.id), lambda: fs.snapshot is snapshot)
+        self.warm_up.start()
 
     # --- the backfill ---
 
