@@ -8,6 +8,7 @@ transactions are the packs the daemon served.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from artifactfs.gitstore import pack_count
+from artifactfs.procs import BACKGROUND_NICENESS
 
-from .conftest import Artifactfs, new_installation, wait_until
+from .conftest import Artifactfs, command_lines, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo, make_large_file_repo
 
 MAX_WALK_TRANSACTIONS = 10
@@ -203,6 +205,12 @@ def test_the_backfill_starts_at_the_first_miss_and_fetches_everything(served: Se
         assert served.daemon.fetch_count("deep.git") == before  # the walk found everything here
 
 
+def fetches_into(git_dir: Path) -> list[int]:
+    """The git fetch processes at work in `git_dir`."""
+    return [pid for pid, line in command_lines().items() if line.startswith("git ") and f"--git-dir={git_dir}" in line
+            and " fetch " in line]  # fmt: skip
+
+
 def test_a_read_during_a_backfill_goes_in_a_small_transaction_of_its_own(served: Served, tmp_path: Path) -> None:
     with backfilling(served, tmp_path, "ready") as afs:
         served.daemon.hold_large(100)
@@ -211,6 +219,9 @@ def test_a_read_during_a_backfill_goes_in_a_small_transaction_of_its_own(served:
             mnt = afs.wait_mounted("ready")
             wait_until(served.daemon.holding_large, 60, what="the backfill's first batch to be held at the remote")
             assert afs.status("ready")["backfill"] == "running"
+            # The backfill's git yields the cores to the sandbox's own commands (procs.in_background).
+            fetches = fetches_into(afs.root / "git" / "ready.git")
+            assert fetches and {os.getpriority(os.PRIO_PROCESS, pid) for pid in fetches} == {BACKGROUND_NICENESS}
             read_alone(served, mnt, "p2/m3/l4/f6.txt")
         finally:
             served.daemon.release_large()

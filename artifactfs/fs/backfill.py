@@ -91,7 +91,7 @@ class Backfill:
 
     async def run(self) -> None:
         blobs = await self._blobs()
-        missing = set(await self.hydrator.missing_under(self.tree))
+        missing = set(await self.hydrator.missing_under(self.tree, background=True))
         present = [oid for oid in blobs if oid not in missing]
         self.progress.total = len(blobs)
         self.progress.present = len(present)
@@ -106,7 +106,7 @@ class Backfill:
             self.progress.present += len(fetched)
             self.progress.present_bytes += sum((await self.hydrator.sizes(fetched)).values())
             self.on_progress(self.progress)
-        still = len(await self.hydrator.missing_under(self.tree))
+        still = len(await self.hydrator.missing_under(self.tree, background=True))
         self.progress.state = BackfillState.DONE if still == 0 else BackfillState.INCOMPLETE
         self.on_progress(self.progress)
         log.info("backfill of %s ended: %s, %d blobs still missing", self.tree, self.progress.state.value, still)

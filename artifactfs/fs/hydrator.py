@@ -41,6 +41,7 @@ from ..gitstore import (
 )
 from ..metrics import observe_fetch
 from ..model import BlobFetchFailed
+from ..procs import in_background
 from .gate import wait_for
 from .odb import ThreadOdb
 
@@ -235,11 +236,12 @@ class Hydrator:
             waits[oid] = pending
         return waits, queued
 
-    async def missing_under(self, tree: str) -> list[str]:
+    async def missing_under(self, tree: str, *, background: bool = False) -> list[str]:
         """The blobs under `tree` that are not here, from git itself (one process, off the event
-        loop, fetching nothing); [] if git cannot tell."""
+        loop, fetching nothing; at a lower priority in the `background`); [] if git cannot tell."""
+        command = ["git", f"--git-dir={self.git_dir}", "rev-list", "--objects", "--missing=print", tree]
         proc = await trio.run_process(
-            ["git", f"--git-dir={self.git_dir}", "rev-list", "--objects", "--missing=print", tree],
+            in_background(command) if background else command,
             capture_stdout=True, capture_stderr=True, check=False, env=self.env,
         )  # fmt: skip
         if proc.returncode != 0:
@@ -277,7 +279,7 @@ class Hydrator:
 
     async def _fetch(self, batch: dict[str, _Pending], lane: Lane) -> None:
         started = time.monotonic()
-        error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode())
+        error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode(), background=lane is Lane.BULK)
         elapsed = time.monotonic() - started
         if error is not None and self.own_git_dir:
             # git is gone (failed or killed with its group): a temporary pack it began is waste,
@@ -322,7 +324,7 @@ class Hydrator:
             before = pack_count(self.git_dir)
             started = time.monotonic()
             proc = await trio.run_process(
-                ["git", f"--git-dir={self.git_dir}", *CONSOLIDATE_ARGS], capture_stdout=True, capture_stderr=True,
+                in_background(["git", f"--git-dir={self.git_dir}", *CONSOLIDATE_ARGS]), capture_stdout=True, capture_stderr=True,
                 check=False, env=self.env, start_new_session=True, deliver_cancel=_kill_group,
             )  # fmt: skip
             if proc.returncode != 0:
@@ -349,16 +351,18 @@ class Hydrator:
         if removed:
             log.info("removed %d temporary pack files a failed fetch left", len(removed))
 
-    async def _run_fetch(self, payload: bytes) -> str | None:
-        """Run one `git fetch --stdin`; return what went wrong, or None.
+    async def _run_fetch(self, payload: bytes, *, background: bool) -> str | None:
+        """Run one `git fetch --stdin` (at a lower priority in the `background`); return what went
+        wrong, or None.
 
         git runs in a process group of its own, so that at the deadline the whole group is
         killed: git, and the remote helper or index-pack it started, which would otherwise hold
         the connection (and the pipes run_process reads) open."""
         with trio.move_on_after(self.fetch_timeout):
             try:
+                command = batch_fetch_command(self.git_dir)
                 proc = await trio.run_process(
-                    batch_fetch_command(self.git_dir), stdin=payload, capture_stdout=True, capture_stderr=True,
+                    in_background(command) if background else command, stdin=payload, capture_stdout=True, capture_stderr=True,
                     check=False, env=self.env, start_new_session=True, deliver_cancel=_kill_group,
                 )  # fmt: skip
             except OSError as exc:
