@@ -145,7 +145,7 @@ class MountProcess:
         the gate get EIO, and whatever still hangs after a grace period (a fetch) is cancelled."""
         self.gate.fail("the mount is going away")
         if self.warm_up is not None:
-            self.warm_up.stop()
+            self.warm_up.cancel()
         pyfuse3.terminate()
         await trio.sleep(STOP_GRACE_SECONDS)
         assert self.nursery is not None
@@ -260,12 +260,10 @@ class MountProcess:
     def _warm_up(self, git_dir: Path) -> None:
         """Bring what git status reads into the kernel's caches, now that a commit is shown."""
         if self.warm_up is not None:
-            self.warm_up.stop()
-        snapshot = self.fs.snapshot
-        assert snapshot is not None
-        fs = self.fs
-        self.warm_up = WarmUp(self.mount_path, git_dir, str(snapshot.commit.id), lambda: fs.snapshot is snapshot)
-        self.warm_up.start()
+            self.warm_up.cancel()
+        assert self.fs.snapshot is not None and self.nursery is not None
+        self.warm_up = WarmUp(self.mount_path, git_dir, str(self.fs.snapshot.commit.id))
+        self.nursery.start_soon(self.warm_up.run)
 
     # --- the backfill ---
 

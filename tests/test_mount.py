@@ -335,9 +335,9 @@ def resident_pages(path: Path) -> list[bool]:
 
 def test_the_mount_warms_the_kernels_caches_with_what_a_status_reads_and_fetches_nothing(
         afs: Artifactfs, git_daemon: GitDaemon) -> None:  # fmt: skip
-    """Once a commit is shown, the mount process looks up and opens what a status reads, so the
-    kernel holds those entries before the first git command: that status asks the mount for no
-    name it has not seen, and nothing is fetched."""
+    """Once a commit is shown, the mount looks up the names a status reads, so the kernel holds
+    those entries before the first git command: that status asks the mount for no name it has
+    not seen, and nothing is fetched."""
     sample = make_sample_repo(git_daemon.base, "warm")
     rules = {f"pkg{p}/mod{m}/.gitignore": b"*.pyc\n" for p in range(3) for m in range(2)}
     add_commit(sample, {**rules, "pkg0/.gitattributes": b"*.bin binary\n"}, "rules in a deep tree")
@@ -347,12 +347,10 @@ def test_the_mount_warms_the_kernels_caches_with_what_a_status_reads_and_fetches
     mnt = afs.wait_mounted("warm")
     wait_until(lambda: (afs.describe_mount("warm").get("warmed") or {}).get("done"), 20, what="the warm-up")
     described = afs.describe_mount("warm")
-    assert ".gitignore" not in sample.files and ".gitmodules" in sample.files
-    assert described["warmed"]["opened"] == len(rules) + 2  # type: ignore[index]  (and pkg0's .gitattributes, .gitmodules)
-    # The absent .gitattributes git looks for (at the top, in pkg1, pkg2 and the six modules),
-    # and the sample's submodule: its directory and the .git it does not have.
-    assert sample.gitlinks.keys() == {"vendor/sub"}
-    assert described["warmed"]["looked_up"] == 9 + 2  # type: ignore[index]
+    # The six .gitignores, a .gitattributes (there or not) at the top, in the three packages and
+    # the six modules, the .gitmodules, and the sample's submodule: its path and the .git in it.
+    assert ".gitignore" not in sample.files and sample.gitlinks.keys() == {"vendor/sub"}
+    assert described["warmed"]["looked_up"] == len(rules) + 10 + 1 + 2  # type: ignore[index]
     status = subprocess.run(["git", "status", "--porcelain"], cwd=mnt, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and status.stdout == "", status.stderr
     # The inodes the mount holds are those the kernel looked up: the status needed no new one
