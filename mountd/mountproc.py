@@ -144,8 +144,7 @@ class MountProcess:
         """End the session. pyfuse3.main returns only once every handler has: callers waiting at
         the gate get EIO, and whatever still hangs after a grace period (a fetch) is cancelled."""
         self.gate.fail("the mount is going away")
-        if self.warm_up is not None:
-            self.warm_up.cancel()
+        self._end_warm_up()
         pyfuse3.terminate()
         await trio.sleep(STOP_GRACE_SECONDS)
         assert self.nursery is not None
@@ -207,8 +206,10 @@ class MountProcess:
                 if shown:
                     self._warm_up(Path(order["git_dir"]))
             elif op == "failed":
+                self._end_warm_up()  # its lookups would only meet the EIO
                 self.gate.fail(str(order.get("error", "")))
             elif op == "reset":
+                self._end_warm_up()  # its lookups would wait at the closed gate
                 self.gate.close()
             elif op == "unmount":
                 log.info("%s: unmounting on mountd's order", self.name)
@@ -232,6 +233,7 @@ class MountProcess:
             "head": self.shown[1] if self.shown else None,
             "base": str(self.fs.snapshot.commit.id) if self.fs.snapshot else None,  # follows HEAD
             "nodes": len(self.fs.nodes), "handles": len(self.fs.handles),  # bounded across refreshes
+            "lookups": self.fs.lookups_served,
             "warmed": dataclasses.asdict(self.warm_up.warmed) if self.warm_up is not None else None,
         }
 
@@ -259,11 +261,14 @@ class MountProcess:
 
     def _warm_up(self, git_dir: Path) -> None:
         """Bring what git status reads into the kernel's caches, now that a commit is shown."""
-        if self.warm_up is not None:
-            self.warm_up.cancel()
+        self._end_warm_up()
         assert self.fs.snapshot is not None and self.nursery is not None
         self.warm_up = WarmUp(self.mount_path, git_dir, str(self.fs.snapshot.commit.id))
         self.nursery.start_soon(self.warm_up.run)
+
+    def _end_warm_up(self) -> None:
+        if self.warm_up is not None:
+            self.warm_up.cancel()
 
     # --- the backfill ---
 

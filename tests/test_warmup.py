@@ -2,16 +2,18 @@
 up, in git's order. The mount's use of it is tested in test_mount.py."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pygit2
 
-from artifactfs.fs.warmup import plan
+from artifactfs.fs.warmup import TOUCH_SCRIPT, plan
 
 from .gitremote import add_commit, git, make_sample_repo
 
 RULES = {"a/.gitignore": b"*.o\n", "a/b/c/.gitignore": b"*.tmp\n", "a/b/.gitattributes": b"*.bin binary\n",
-         "x/y/z.txt": b"no rules here\n"}  # fmt: skip
+         "a/b/c/d/e.txt": b"below c\n", "x/y/.gitignore": b"*.log\n", "x/y/z.txt": b"y has no subdirectory\n"}  # fmt: skip
 
 
 def blobless_clone(tmp_path: Path) -> pygit2.Repository:
@@ -28,10 +30,17 @@ def tree_of(repo: pygit2.Repository) -> pygit2.Tree:
 
 def test_the_plan_names_what_a_status_looks_up_parents_first(tmp_path: Path) -> None:
     repo = blobless_clone(tmp_path)
-    # Every directory on the way to a .gitignore, parents first: its .gitignore if it has one
-    # (a blobless clone lacks their blobs: a lookup needs none) and its .gitattributes, there or
-    # not; x/ has no rules and is left alone. Then the .gitmodules and the sample's submodule.
+    # Every directory on the way to a .gitignore that the untracked cache records (one with a
+    # subdirectory: not x/y's), parents first: its .gitattributes there or not, and only files
+    # whose blobs are here (a blobless clone has none: their attributes would fetch them). Then
+    # the sample's submodule.
     assert plan(repo, tree_of(repo)) == [
+        ".gitattributes", "a/.gitattributes", "a/b/c/.gitattributes", "vendor/sub", "vendor/sub/.git",
+    ]  # fmt: skip
+    wanted = [".gitmodules", "a/.gitignore", "a/b/.gitattributes", "a/b/c/.gitignore", "x/y/.gitignore"]
+    oids = [str(tree_of(repo)[path].id) for path in wanted]
+    git("--git-dir", repo.path, "fetch", "-q", "origin", *oids)  # what preparation fetches
+    assert plan(pygit2.Repository(repo.path), tree_of(repo)) == [
         ".gitattributes", "a/.gitignore", "a/.gitattributes", "a/b/.gitattributes", "a/b/c/.gitignore",
         "a/b/c/.gitattributes", ".gitmodules", "vendor/sub", "vendor/sub/.git",
     ]  # fmt: skip
@@ -39,4 +48,18 @@ def test_the_plan_names_what_a_status_looks_up_parents_first(tmp_path: Path) -> 
 
 def test_the_plan_stops_walking_at_its_bound(tmp_path: Path) -> None:
     repo = blobless_clone(tmp_path)
-    assert plan(repo, tree_of(repo), trees_limit=1) == [".gitattributes", ".gitmodules"]
+    assert plan(repo, tree_of(repo), trees_limit=1) == [".gitattributes"]
+
+
+def test_the_lookups_follow_no_link_out_of_the_mount(tmp_path: Path) -> None:
+    """The overlay is the sandbox's: a directory on the way may have become a link to anywhere."""
+    mount, outside = tmp_path / "mount", tmp_path / "outside"
+    (mount / "real").mkdir(parents=True)
+    (mount / "real" / ".gitignore").write_text("*.o\n")
+    outside.mkdir()
+    (outside / ".gitignore").write_text("secret\n")
+    (mount / "pkg").symlink_to(outside)
+    names = ["real/.gitignore", "real/.gitattributes", "pkg/.gitignore", "../outside/.gitignore", "/etc/passwd"]
+    touched = subprocess.run([sys.executable, "-I", "-S", str(TOUCH_SCRIPT), str(mount)], check=True,
+                             input=b"".join(name.encode() + b"\0" for name in names), capture_output=True)  # fmt: skip
+    assert touched.stdout == b"2\n"  # the file and the absence in real/; nothing through pkg or ..

@@ -117,6 +117,7 @@ class TreeFS(pyfuse3.Operations):
         # replaces its cached absence; a name that appears otherwise (a new commit shown) must
         # have it invalidated, so every one is remembered until then.
         self.absent: set[tuple[int, bytes]] = set()
+        self.lookups_served = 0  # LOOKUP requests answered: names the kernel had not cached
         self.walks = WalkWatch()  # tells walks of the tree from reads of a few files
         self.on_miss: Callable[[], None] | None = None  # told of every read that has to fetch
         # Whose every file is: the mount owner's, or the repository's owner (add-repo --owner),
@@ -796,6 +797,7 @@ class TreeFS(pyfuse3.Operations):
         return self._attr(node)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.lookups_served += 1
         await self.gate.wait(ctx.pid)
         parent = self._node(parent_inode)
         if name == b".":

@@ -7,8 +7,8 @@ first status took three times the second. Once a commit is shown, a small proces
 looks those names up through the mount: the kernel then holds the entries, their attributes and
 the absences, and the first status costs about what the second does.
 
-It only looks names up, never opens or reads, so it fetches nothing and duplicates nothing of a
-status that runs beside it: it goes through the names in the reverse of git's order, and the two
+It only looks names up, never opens or reads, and leaves out files whose blobs are not here, so
+it fetches nothing and duplicates nothing of a status that runs beside it: it goes through the names in the reverse of git's order, and the two
 meet halfway. It is cancelled when the mount shows another commit or goes away; a name that
 fails costs that name.
 """
@@ -42,9 +42,12 @@ class Warmed:
 
 def plan(repo: pygit2.Repository, tree: pygit2.Tree, trees_limit: int = TREES_LIMIT) -> list[str]:
     """The names a status looks up in `tree`, relative to the top, in git's order:
-    - in every directory that holds a .gitignore, or is on the way to one, the .gitignore and
-      the .gitattributes (there or not), parents before children; and the top's .gitmodules;
-    - every submodule's path and the .git in it (git looks at submodules at every status)."""
+    - in every directory whose .gitignore the untracked cache records, or that is on the way to
+      one, that .gitignore and the .gitattributes (there or not), parents before children; and
+      the top's .gitmodules;
+    - every submodule's path and the .git in it (git looks at submodules at every status).
+    A file whose blob the git directory lacks is left out: the kernel may ask for its attributes,
+    and they would fetch it. So is a name no checkout could have (`..`, one with a slash)."""
     wanted: dict[str, pygit2.Tree] = {}
     submodules: list[str] = []
     walked = 0
@@ -52,30 +55,47 @@ def plan(repo: pygit2.Repository, tree: pygit2.Tree, trees_limit: int = TREES_LI
     def walk(directory: pygit2.Tree, prefix: str) -> bool:
         nonlocal walked
         walked += 1
-        wants = IGNORE in directory
+        below = False
         for entry in directory:
+            if not _plain_name(entry.name):
+                continue
             if entry.filemode == pygit2.GIT_FILEMODE_COMMIT:
                 submodules.append(f"{prefix}{entry.name}")
-            elif entry.type_str == "tree" and walked < trees_limit:
-                sub = repo[entry.id]
-                assert isinstance(sub, pygit2.Tree)
-                wants = walk(sub, f"{prefix}{entry.name}/") or wants
-        if wants:
+                below = True
+            elif entry.type_str == "tree":
+                below = True
+                if walked < trees_limit:
+                    sub = repo[entry.id]
+                    assert isinstance(sub, pygit2.Tree)
+                    if walk(sub, f"{prefix}{entry.name}/"):
+                        wanted.setdefault(prefix, directory)  # on the way to one
+        # Recorded only where git matched a subdirectory against the rules (untracked_cache.py).
+        if below and IGNORE in directory:
             wanted[prefix] = directory
-        return wants
+        return prefix in wanted
 
     walk(tree, "")
     wanted.setdefault("", tree)
     names = []
     for prefix in sorted(wanted, key=lambda p: (p.count("/"), p)):
-        # A .gitignore the untracked cache knows to be absent git does not look for.
-        if IGNORE in wanted[prefix]:
+        directory = wanted[prefix]
+        if IGNORE in directory and _present(repo, directory[IGNORE]):
             names.append(prefix + IGNORE)
-        names.append(prefix + ATTRIBUTES)
-    names.append(MODULES)
+        if ATTRIBUTES not in directory or _present(repo, directory[ATTRIBUTES]):
+            names.append(prefix + ATTRIBUTES)
+    if MODULES not in tree or _present(repo, tree[MODULES]):
+        names.append(MODULES)
     for path in submodules:
         names.extend((path, f"{path}/.git"))
     return names
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _present(repo: pygit2.Repository, entry: pygit2.Object) -> bool:
+    return entry.id in repo
 
 
 class WarmUp:
@@ -113,9 +133,10 @@ class WarmUp:
 
     async def _look_up(self, names: list[str]) -> int:
         payload = b"".join(os.fsencode(name) + b"\0" for name in reversed(names))  # see the module's doc
-        # -I -S: nothing from the environment or site-packages; the script needs os and sys alone.
+        # -I -S and no environment: the script needs os and sys alone.
         proc = await trio.run_process([sys.executable, "-I", "-S", str(TOUCH_SCRIPT), str(self.mount_path)],
-                                      stdin=payload, capture_stdout=True, capture_stderr=True, check=False)  # fmt: skip
+                                      stdin=payload, capture_stdout=True, capture_stderr=True, check=False,
+                                      env={})  # fmt: skip
         if proc.returncode != 0 or not proc.stdout.strip().isdigit():
             raise RuntimeError(f"touch.py exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
         return int(proc.stdout)
