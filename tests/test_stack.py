@@ -370,9 +370,9 @@ def test_a_mount_whose_mountd_dies_before_it_hears_back_keeps_serving(afs: Artif
     try:
         assert proc.stdin is not None and proc.stdout is not None
         assert proc.stdout.readline().strip() == b"ready"
+        proc.stdout.close()  # what a SIGKILL of mountd does to the pipe, before the mount answers
         proc.stdin.write(json.dumps({"op": "mount", "name": "orphan", "mount_path": str(mnt)}).encode() + b"\n")
         proc.stdin.flush()
-        proc.stdout.close()  # what a SIGKILL of mountd does to the pipe, before the mount answers
         pid_file = afs.root / "run" / "mounts" / "orphan.pid"
         wait_until(lambda: pid_file.exists() or proc.poll() is not None, 20, what="the mount to be up")
         client = ControlClient(afs.root / "run" / "mounts" / "orphan.sock", timeout=10, expected_pid=proc.pid)
