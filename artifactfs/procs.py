@@ -22,8 +22,7 @@ class ProcessId:
 
 
 # Work nobody waits on (the backfill, pack consolidation) runs this much nicer than the mount, so
-# that it takes the cores the sandbox's own commands leave: a git status beside a backfill was
-# measured a third slower without it.
+# that it takes the cores the sandbox's own commands leave.
 BACKGROUND_NICENESS = 10
 
 

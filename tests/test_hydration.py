@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from artifactfs.gitstore import pack_count
-from artifactfs.procs import BACKGROUND_NICENESS
+from artifactfs.procs import BACKGROUND_NICENESS, parent_pid
 
 from .conftest import Artifactfs, command_lines, new_installation, wait_until
 from .gitremote import GitDaemon, SampleRepo, git, make_deep_tree_repo, make_large_file_repo
@@ -205,6 +205,11 @@ def test_the_backfill_starts_at_the_first_miss_and_fetches_everything(served: Se
         assert served.daemon.fetch_count("deep.git") == before  # the walk found everything here
 
 
+def niceness(pid: int | None) -> int:
+    assert pid is not None
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
 def fetches_into(git_dir: Path) -> list[int]:
     """The git fetch processes at work in `git_dir`."""
     return [pid for pid, line in command_lines().items() if line.startswith("git ") and f"--git-dir={git_dir}" in line
@@ -221,7 +226,7 @@ def test_a_read_during_a_backfill_goes_in_a_small_transaction_of_its_own(served:
             assert afs.status("ready")["backfill"] == "running"
             # The backfill's git yields the cores to the sandbox's own commands (procs.in_background).
             fetches = fetches_into(afs.root / "git" / "ready.git")
-            assert fetches and {os.getpriority(os.PRIO_PROCESS, pid) for pid in fetches} == {BACKGROUND_NICENESS}
+            assert fetches and {niceness(pid) - niceness(parent_pid(pid)) for pid in fetches} == {BACKGROUND_NICENESS}
             read_alone(served, mnt, "p2/m3/l4/f6.txt")
         finally:
             served.daemon.release_large()

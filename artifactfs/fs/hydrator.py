@@ -279,7 +279,9 @@ class Hydrator:
 
     async def _fetch(self, batch: dict[str, _Pending], lane: Lane) -> None:
         started = time.monotonic()
-        error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode(), background=lane is Lane.BULK)
+        # Only a batch nobody waits for (the backfill's alone: a walk waits for its own) yields the cores.
+        background = lane is Lane.BULK and all(pending.owner is None for pending in batch.values())
+        error = await self._run_fetch("".join(f"{oid}\n" for oid in batch).encode(), background=background)
         elapsed = time.monotonic() - started
         if error is not None and self.own_git_dir:
             # git is gone (failed or killed with its group): a temporary pack it began is waste,
