@@ -2,7 +2,7 @@
 remote in test_hydration.py)."""
 from __future__ import annotations
 
-from artifactfs.fs.backfill import priority
+from artifactfs.fs.backfill import in_order, priority
 
 
 def test_manifests_and_sources_come_first_large_binaries_last() -> None:
@@ -15,3 +15,14 @@ def test_manifests_and_sources_come_first_large_binaries_last() -> None:
 
 def test_a_name_that_is_not_utf8_still_has_a_place() -> None:
     assert priority(b"src/\xff\xfe.py") == 1
+
+
+def test_a_suffix_is_the_last_dot_of_the_name_alone() -> None:
+    assert priority(b"dist/site.tar.gz") == 4  # .gz
+    assert priority(b"home/.bashrc") == priority(b"bin/tool.") == priority(b"lib.d/noext") == 3  # no suffix
+    assert priority(b"SRC/MAIN.PY") == 1  # case does not matter
+
+
+def test_the_order_puts_only_the_missing_first_to_last() -> None:
+    blobs = {"1": b"logo.png", "2": b"setup.py", "3": b"pyproject.toml", "4": b"notes.txt"}
+    assert in_order(blobs, {"1", "2", "3"}) == ["3", "2", "1"]

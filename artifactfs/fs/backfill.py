@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import PurePosixPath
 
 import trio
 
@@ -56,10 +55,12 @@ BINARY = frozenset({
 def priority(path: bytes) -> int:
     """Where a blob goes in the backfill's order: 0 manifests, 1 sources, 2 other text, 3 the
     rest, 4 binaries (the large files a repository has are nearly always among them)."""
-    name = PurePosixPath(path.decode(errors="replace")).name.lower()
+    # Bytes and str methods, not PurePosixPath: this runs for every blob of the commit.
+    name = path.rpartition(b"/")[2].decode(errors="replace").lower()
     if name in MANIFESTS:
         return 0
-    suffix = PurePosixPath(name).suffix
+    dot = name.rfind(".")
+    suffix = name[dot:] if 0 < dot < len(name) - 1 else ""  # as PurePosixPath.suffix has it
     if suffix in SOURCE:
         return 1
     if suffix in TEXT:
@@ -67,6 +68,11 @@ def priority(path: bytes) -> int:
     if suffix in BINARY:
         return 4
     return 3
+
+
+def in_order(blobs: dict[str, bytes], missing: set[str]) -> list[str]:
+    """The missing ones of `blobs` (id: path), in the order the backfill fetches them."""
+    return sorted((oid for oid in blobs if oid in missing), key=lambda oid: (priority(blobs[oid]), blobs[oid]))
 
 
 @dataclass
@@ -97,7 +103,8 @@ class Backfill:
         self.progress.present = len(present)
         self.progress.present_bytes = sum((await self.hydrator.sizes(present)).values())
         self.on_progress(self.progress)
-        order = sorted((oid for oid in blobs if oid in missing), key=lambda oid: (priority(blobs[oid]), blobs[oid]))
+        # Off the event loop: for a large tree the sort takes long enough to hold up the mount's calls.
+        order = await trio.to_thread.run_sync(in_order, blobs, missing)
         log.info("backfill of %s: %d of %d blobs missing", self.tree, len(order), len(blobs))
         for start in range(0, len(order), BACKFILL_BATCH):
             chunk = order[start : start + BACKFILL_BATCH]
