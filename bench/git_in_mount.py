@@ -10,9 +10,13 @@ into the mount's git directory and the fetch transactions the remote served for 
 over the runs.
 
     make bench-git                      # or: .venv/bin/python bench/git_in_mount.py --runs 3
+    .venv/bin/python bench/git_in_mount.py --backfill used   # the mounts' default policy: the
+                                        # backfill runs beside the steps after the first edit
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import statistics
 import subprocess
@@ -125,14 +129,15 @@ def steps(files: dict[str, bytes]) -> list[tuple[str, Callable[[Path], None]]]:
     ]
 
 
-def one_run(base: Path, daemon: GitDaemon, files: dict[str, bytes],
-            janitor: harness.Janitor) -> dict[str, tuple[float, float, int, int]]:  # fmt: skip
+def one_run(base: Path, daemon: GitDaemon, files: dict[str, bytes], janitor: harness.Janitor,
+            backfill: str = "never") -> dict[str, tuple[float, float, int, int]]:  # fmt: skip
     url = daemon.url(f"{NAME}.git")
     plain = base / "plain"
     subprocess.run(["git", "clone", "-q", "--single-branch", "--branch", "main", url, str(plain)], check=True,
                    env=git_env())  # fmt: skip
     remote = harness.Remote(url, "refs/heads/main", "refs/heads/main", "monorepo", git_env(), daemon)
     inst = harness.Installation.create(base / "inst", remote, janitor)
+    inst.env["ARTIFACTFS_BACKFILL"] = backfill
     inst.add_repo(remote)
     inst.start_daemon()
     mnt = inst.mount_path
@@ -174,14 +179,20 @@ def seconds(value: float) -> str:
 
 
 def main() -> int:
-    runs_wanted = harness.runs_option(__doc__, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs, each in a fresh installation (default 3)")
+    parser.add_argument("--backfill", choices=["never", "used", "ready"], default="never",
+                        help="the mounts' ARTIFACTFS_BACKFILL (default never: the blobs each step fetches are "
+                             "counted, not the backfill's)")  # fmt: skip
+    args = parser.parse_args()
+    runs_wanted = args.runs
 
     def describe(files: dict[str, bytes]) -> str:
         dirs = {str(Path(p).parent) for p in files}
         return (f"{len(files)} files in {len(dirs)} directories, "
                 f"{sum(p.endswith('.gitignore') for p in files)} .gitignore files")  # fmt: skip
 
-    runs = harness.served_runs("git", runs_wanted, make_remote, one_run, describe)
+    runs = harness.served_runs("git", runs_wanted, make_remote, functools.partial(one_run, backfill=args.backfill), describe)
     print(f"| step (median of {runs_wanted}) | plain checkout | mount | ratio | blobs fetched by the mount | transactions |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label in runs[0]:
