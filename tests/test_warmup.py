@@ -35,20 +35,20 @@ def test_the_plan_names_what_a_status_looks_up_parents_first(tmp_path: Path) -> 
     # whose blobs are here (a blobless clone has none: their attributes would fetch them). Then
     # the sample's submodule.
     assert plan(repo, tree_of(repo)) == [
-        ".gitattributes", "a/.gitattributes", "a/b/c/.gitattributes", "vendor/sub", "vendor/sub/.git",
+        b".gitattributes", b"a/.gitattributes", b"a/b/c/.gitattributes", b"vendor/sub", b"vendor/sub/.git",
     ]  # fmt: skip
     wanted = [".gitmodules", "a/.gitignore", "a/b/.gitattributes", "a/b/c/.gitignore", "x/y/.gitignore"]
     oids = [str(tree_of(repo)[path].id) for path in wanted]
     git("--git-dir", repo.path, "fetch", "-q", "origin", *oids)  # what preparation fetches
     assert plan(pygit2.Repository(repo.path), tree_of(repo)) == [
-        ".gitattributes", "a/.gitignore", "a/.gitattributes", "a/b/.gitattributes", "a/b/c/.gitignore",
-        "a/b/c/.gitattributes", ".gitmodules", "vendor/sub", "vendor/sub/.git",
+        b".gitattributes", b"a/.gitignore", b"a/.gitattributes", b"a/b/.gitattributes", b"a/b/c/.gitignore",
+        b"a/b/c/.gitattributes", b".gitmodules", b"vendor/sub", b"vendor/sub/.git",
     ]  # fmt: skip
 
 
 def test_the_plan_stops_walking_at_its_bound(tmp_path: Path) -> None:
     repo = blobless_clone(tmp_path)
-    assert plan(repo, tree_of(repo), trees_limit=1) == [".gitattributes"]
+    assert plan(repo, tree_of(repo), trees_limit=1) == [b".gitattributes"]
 
 
 def test_the_lookups_follow_no_link_out_of_the_mount(tmp_path: Path) -> None:

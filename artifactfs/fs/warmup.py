@@ -8,9 +8,9 @@ looks those names up through the mount: the kernel then holds the entries, their
 the absences, and the first status costs about what the second does.
 
 It only looks names up, never opens or reads, and leaves out files whose blobs are not here, so
-it fetches nothing and duplicates nothing of a status that runs beside it: it goes through the names in the reverse of git's order, and the two
-meet halfway. It is cancelled when the mount shows another commit or goes away; a name that
-fails costs that name.
+it fetches nothing and duplicates nothing of a status that runs beside it: it goes through the
+names in the reverse of git's order, and the two meet halfway. It is cancelled when the mount
+shows another commit, closes or fails its gate, or goes away; a name that fails costs that name.
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from pathlib import Path
 import pygit2
 import trio
 
+from .untracked_cache import PER_DIRECTORY_EXCLUDES, Directory, tree_of_directories
+
 log = logging.getLogger("artifactfs.mount")
 
-IGNORE, ATTRIBUTES, MODULES = ".gitignore", ".gitattributes", ".gitmodules"
+IGNORE, ATTRIBUTES, MODULES = PER_DIRECTORY_EXCLUDES, b".gitattributes", b".gitmodules"
 # A bound on the trees walked (all trees are local, but a huge repository is no reason to spend
 # seconds of a core at every mount); the directories past it are simply left cold.
 TREES_LIMIT = 50_000
@@ -40,62 +42,59 @@ class Warmed:
     done: bool = False
 
 
-def plan(repo: pygit2.Repository, tree: pygit2.Tree, trees_limit: int = TREES_LIMIT) -> list[str]:
+def plan(repo: pygit2.Repository, tree: pygit2.Tree, trees_limit: int = TREES_LIMIT) -> list[bytes]:
     """The names a status looks up in `tree`, relative to the top, in git's order:
-    - in every directory whose .gitignore the untracked cache records, or that is on the way to
-      one, that .gitignore and the .gitattributes (there or not), parents before children; and
-      the top's .gitmodules;
+    - in every directory whose .gitignore the untracked cache records (the tree preparation
+      writes it from, untracked_cache.py), or that is on the way to one, that .gitignore and the
+      .gitattributes (there or not), parents before children; and the top's .gitmodules;
     - every submodule's path and the .git in it (git looks at submodules at every status).
     A file whose blob the git directory lacks is left out: the kernel may ask for its attributes,
     and they would fetch it. So is a name no checkout could have (`..`, one with a slash)."""
-    wanted: dict[str, pygit2.Tree] = {}
-    submodules: list[str] = []
-    walked = 0
-
-    def walk(directory: pygit2.Tree, prefix: str) -> bool:
-        nonlocal walked
-        walked += 1
-        below = False
+    directories: list[bytes] = []
+    gitignores: dict[bytes, bytes] = {}  # raw ids by directory, as the untracked cache takes them
+    files: dict[bytes, pygit2.Oid] = {}  # the rule files there are, by path
+    submodules: list[bytes] = []
+    pending = [(tree, b"")]
+    while pending and len(directories) < trees_limit:
+        directory, path = pending.pop()
+        directories.append(path)
         for entry in directory:
-            if not _plain_name(entry.name):
+            name = os.fsencode(entry.name)
+            if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
                 continue
+            child = path + b"/" + name if path else name
             if entry.filemode == pygit2.GIT_FILEMODE_COMMIT:
-                submodules.append(f"{prefix}{entry.name}")
-                below = True
+                submodules.append(child)
             elif entry.type_str == "tree":
-                below = True
-                if walked < trees_limit:
-                    sub = repo[entry.id]
-                    assert isinstance(sub, pygit2.Tree)
-                    if walk(sub, f"{prefix}{entry.name}/"):
-                        wanted.setdefault(prefix, directory)  # on the way to one
-        # Recorded only where git matched a subdirectory against the rules (untracked_cache.py).
-        if below and IGNORE in directory:
-            wanted[prefix] = directory
-        return prefix in wanted
+                sub = repo[entry.id]
+                assert isinstance(sub, pygit2.Tree)
+                pending.append((sub, child))
+            elif name in (IGNORE, ATTRIBUTES) or (name == MODULES and not path):
+                files[child] = entry.id
+                if name == IGNORE:
+                    gitignores[path] = entry.id.raw
+    wanted: list[bytes] = []
 
-    walk(tree, "")
-    wanted.setdefault("", tree)
+    def keep(directory: Directory, path: bytes) -> bool:
+        kept = directory.recorded_gitignore is not None
+        for name, child in directory.children.items():
+            kept = keep(child, path + b"/" + name if path else name) or kept
+        if kept:
+            wanted.append(path)
+        return kept
+
+    keep(tree_of_directories(directories, gitignores, submodules), b"")
     names = []
-    for prefix in sorted(wanted, key=lambda p: (p.count("/"), p)):
-        directory = wanted[prefix]
-        if IGNORE in directory and _present(repo, directory[IGNORE]):
+    for path in sorted({b"", *wanted}, key=lambda p: (p.count(b"/"), p)):
+        prefix = path + b"/" if path else b""
+        if path in gitignores:
             names.append(prefix + IGNORE)
-        if ATTRIBUTES not in directory or _present(repo, directory[ATTRIBUTES]):
-            names.append(prefix + ATTRIBUTES)
-    if MODULES not in tree or _present(repo, tree[MODULES]):
-        names.append(MODULES)
+        names.append(prefix + ATTRIBUTES)  # there or not
+    names.append(MODULES)
+    names = [name for name in names if name not in files or files[name] in repo]
     for path in submodules:
-        names.extend((path, f"{path}/.git"))
+        names.extend((path, path + b"/.git"))
     return names
-
-
-def _plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
-
-
-def _present(repo: pygit2.Repository, entry: pygit2.Object) -> bool:
-    return entry.id in repo
 
 
 class WarmUp:
@@ -125,14 +124,14 @@ class WarmUp:
         self.warmed.done = True
         log.info("%s: warmed %d names in %.3f s", self.mount_path, self.warmed.looked_up, self.warmed.seconds)
 
-    def _plan(self) -> list[str]:
+    def _plan(self) -> list[bytes]:
         repo = pygit2.Repository(str(self.git_dir))  # its own: pygit2 objects stay in the thread that made them
         commit = repo[self.commit]
         assert isinstance(commit, pygit2.Commit)
         return plan(repo, commit.tree)
 
-    async def _look_up(self, names: list[str]) -> int:
-        payload = b"".join(os.fsencode(name) + b"\0" for name in reversed(names))  # see the module's doc
+    async def _look_up(self, names: list[bytes]) -> int:
+        payload = b"".join(name + b"\0" for name in reversed(names))  # see the module's doc
         # -I -S and no environment: the script needs os and sys alone.
         proc = await trio.run_process([sys.executable, "-I", "-S", str(TOUCH_SCRIPT), str(self.mount_path)],
                                       stdin=payload, capture_stdout=True, capture_stderr=True, check=False,
